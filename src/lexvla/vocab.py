@@ -35,7 +35,7 @@ class VocabularyFilter:
     """Settings of the token -> word filter (see module docstring)."""
 
     min_chars: int = 2
-    min_zipf: float = 1.0  # wordfreq Zipf scale: 1.0 = once per 100M words
+    min_zipf: float = 2.0  # wordfreq Zipf scale: 2.0 = once per 1M words
     dictionary: str = "wordfreq"  # "wordfreq" or "none" (letters-only filter, for tests/offline oddities)
 
     def __post_init__(self) -> None:

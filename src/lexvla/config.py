@@ -1,0 +1,161 @@
+"""Typed configuration of a LexVLA model. Every field is saved with a checkpoint as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .vocab import VocabularyFilter
+
+ACTIVATIONS = ("elu1", "log1p_relu")
+CENTERINGS = ("standardize", "center", "none")
+
+
+@dataclass
+class BackboneConfig:
+    """Frozen vision backbone that yields patch tokens."""
+
+    name: str = "dinov2"  # registry key in lexvla.models.backbones
+    # Weights: a hub id or local folder (DINOv2), "embedded" (weights from a registry package) or
+    # "random" (random init from ``arch``; tests and controls).
+    source: str = "random"
+    image_size: int = 224
+    # Backbone-specific depths to take patch tokens from; empty = the backbone's default (last layer).
+    # Several depths are concatenated channel-wise: late CNN features lose colour (see docs).
+    taps: tuple[int, ...] = ()
+    # Pool the patch grid to grid x grid tokens (None = native grid). Cuts the patch x vocabulary cost.
+    grid: int | None = None
+    arch: dict[str, Any] = field(default_factory=dict)  # architecture overrides for random init
+
+    def __post_init__(self) -> None:
+        self.taps = tuple(int(t) for t in self.taps)
+        if self.image_size <= 0:
+            raise ValueError("image_size must be positive")
+        if self.grid is not None and self.grid <= 0:
+            raise ValueError("grid must be positive or None")
+
+
+@dataclass
+class AdapterConfig:
+    """Trainable adapter: input projection, one self-attention block, 2-layer MLP to the LLM width."""
+
+    width: int = 512
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"adapter width {self.width} must be divisible by heads {self.heads}")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+
+
+@dataclass
+class TextConfig:
+    """Causal LLM that predicts the caption's lexical vector from its last token."""
+
+    # "embedded:smollm2", a hub id / local folder (local files only), a .gguf file, or "random".
+    source: str = "random"
+    # Only for source="random": tokenizer source (same forms as ``source``) and LlamaConfig overrides.
+    tokenizer: str = "embedded:smollm2"
+    arch: dict[str, Any] = field(default_factory=dict)
+    # In-context lexical prediction prompt. It ends without a quote or space so the next token is a
+    # word-initial token ("Ġapple"), the kind the vocabulary is made of.
+    prompt: str = 'This sentence: "{caption}" means in one word:'
+    max_length: int = 96
+    lora: LoraSettings | None = None
+    gradient_checkpointing: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if "{caption}" not in self.prompt:
+            raise ValueError("text prompt must contain '{caption}'")
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings(**self.lora)
+
+
+@dataclass
+class MapperConfig:
+    """Scores -> non-negative normalised lexical vectors."""
+
+    activation: str = "elu1"  # "elu1": elu(x)+1 (paper); "log1p_relu": log(1+relu(x)) (exact zeros)
+    # Per-vector normalisation of the scores before the activation. The LLM's head scores on real
+    # words share a large positive offset (SmolLM2: mean ~15, std ~2.5), which makes elu+1 vectors
+    # dense and nearly identical. Softmax (the LLM's own prediction) is shift-invariant, so centering
+    # keeps the prediction; "standardize" also divides by the std so `margin` is in std units.
+    centering: str = "standardize"
+    margin: float = 2.0  # subtracted after centering: only words `margin` std above the mean get > 1
+    threshold: str | float | None = "inv_sqrt_v"  # default sparsification at inference
+    topk: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.centering not in CENTERINGS:
+            raise ValueError(f"centering must be one of {CENTERINGS}, got {self.centering!r}")
+
+
+@dataclass
+class LexVLAConfig:
+    name: str = "custom"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    mapper: MapperConfig = field(default_factory=MapperConfig)
+    vocab: VocabularyFilter = field(default_factory=VocabularyFilter)
+    init_temperature: float = 0.07
+    # Train the visual codebook (paper) or keep it tied to the frozen text codebook.
+    train_visual_codebook: bool = True
+
+    def __post_init__(self) -> None:
+        for name, cls in (("backbone", BackboneConfig), ("adapter", AdapterConfig), ("text", TextConfig),
+                          ("mapper", MapperConfig), ("vocab", VocabularyFilter)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, cls(**value))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LexVLAConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown LexVLA config keys: {sorted(unknown)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> LexVLAConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def replace(self, **overrides: Any) -> LexVLAConfig:
+        """Copy with dotted overrides, e.g. ``replace(**{"backbone.grid": 4, "init_temperature": 0.05})``."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            node = data
+            *parents, leaf = key.split(".")
+            for p in parents:
+                if not isinstance(node.get(p), dict):
+                    raise KeyError(f"unknown config section '{p}' in override '{key}'")
+                node = node[p]
+            if leaf not in node:
+                raise KeyError(f"unknown config key '{key}'")
+            node[leaf] = value
+        return LexVLAConfig.from_dict(data)

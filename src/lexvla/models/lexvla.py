@@ -1,0 +1,186 @@
+"""The LexVLA model: both encoders, the shared vocabulary and the mapper, with the public encode API."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import LexVLAConfig
+from ..outputs import LexicalOutput, LexVLAOutput
+from ..preprocess import ImageInput
+from ..vocab import Vocabulary, build_vocabulary, check_vocabulary
+from .backbones import create_backbone
+from .mapper import LexicalMapper
+from .text import TextLexicalEncoder, load_causal_lm
+from .vision import Adapter
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE = "config.json", "vocab.json", "model.safetensors"
+
+
+class LexVLA(nn.Module):
+    """Images and texts -> lexical vectors over one word vocabulary.
+
+    Frozen: the vision backbone, the LLM (unless LoRA is configured) and the text codebook.
+    Trained: adapter, visual codebook, LoRA, temperature.
+    """
+
+    def __init__(self, config: LexVLAConfig, vocab: Vocabulary | None = None) -> None:
+        super().__init__()
+        self.config = config
+        llm, tokenizer = load_causal_lm(config.text.source, config.text.dtype, config.text.tokenizer,
+                                        config.text.arch)
+        if vocab is None:
+            vocab = build_vocabulary(tokenizer, config.vocab, source=config.text.source)
+            logger.info("vocabulary: %d words from %s", len(vocab), config.text.source)
+        check_vocabulary(vocab, llm.get_output_embeddings().weight.shape[0])
+        self.vocab = vocab
+        self.text = TextLexicalEncoder(config.text, llm, tokenizer, vocab.token_ids)
+        self.backbone = create_backbone(config.backbone)
+        self.adapter = Adapter(self.backbone.embed_dim, self.text.hidden_size, config.adapter)
+        # The visual codebook starts as a copy of the frozen text codebook (paper), then is trained.
+        self.visual_codebook = nn.Parameter(self.text.codebook.clone(),
+                                            requires_grad=config.train_visual_codebook)
+        self.mapper = LexicalMapper(config.mapper)
+        self.logit_scale = nn.Parameter(torch.tensor(1.0 / config.init_temperature).log())
+
+    # ---------------------------------------------------------------- preprocessing and devices
+    @property
+    def preprocess(self):
+        """Callable: image(s) (paths or PIL) -> (B, 3, H, W) tensor with this backbone's size/mean/std."""
+        return self.backbone.preprocess
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    # ---------------------------------------------------------------- image side
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Frozen backbone patch tokens (B, P, C); cacheable, since the backbone never changes."""
+        return self.backbone(pixels.to(self.device))
+
+    def image_patch_scores(self, features: torch.Tensor) -> torch.Tensor:
+        codebook = self.visual_codebook if self.config.train_visual_codebook else self.text.codebook
+        return self.adapter(features.to(self.device)) @ codebook.T
+
+    def encode_image_features(self, features: torch.Tensor, return_patches: bool = False) -> LexicalOutput:
+        vectors, patches = self.mapper.image(self.image_patch_scores(features), return_patches)
+        return LexicalOutput(vectors, patches, self.backbone.grid if return_patches else None)
+
+    def encode_image(self, images: torch.Tensor | Sequence[ImageInput] | ImageInput,
+                     return_patches: bool = False, batch_size: int = 64) -> LexicalOutput:
+        """Images (paths, PIL images, or a preprocessed (B, 3, H, W) tensor) -> lexical vectors."""
+        if not isinstance(images, torch.Tensor):
+            images = [images] if isinstance(images, (str, Path)) or hasattr(images, "mode") else list(images)
+            outs = [self.encode_image(self.preprocess(images[i:i + batch_size]), return_patches)
+                    for i in range(0, len(images), batch_size)]
+            return _concat(outs)
+        return self.encode_image_features(self.image_features(images), return_patches)
+
+    # ---------------------------------------------------------------- text side
+    def encode_text(self, texts: Sequence[str] | str, batch_size: int = 64) -> LexicalOutput:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if len(texts) > batch_size:
+            return _concat([self.encode_text(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)])
+        return LexicalOutput(self.mapper.text(self.text.scores(texts)))
+
+    # ---------------------------------------------------------------- training and similarity
+    def forward(self, texts: Sequence[str] | None = None, pixels: torch.Tensor | None = None,
+                features: torch.Tensor | None = None, text_vectors: torch.Tensor | None = None) -> LexVLAOutput:
+        """Training pass: dense lexical vectors for both sides. Pass backbone ``features`` (from a
+        cache) instead of ``pixels``, and ``text_vectors`` (cached, frozen text side) instead of texts."""
+        if features is None:
+            if pixels is None:
+                raise ValueError("forward needs pixels or precomputed backbone features")
+            features = self.image_features(pixels)
+        image = self.encode_image_features(features)
+        if text_vectors is not None:
+            text = LexicalOutput(text_vectors.to(self.device))
+        elif texts is not None:
+            text = self.encode_text(texts, batch_size=max(len(texts), 1))
+        else:
+            raise ValueError("forward needs texts or precomputed text vectors")
+        return LexVLAOutput(image=image, text=text, logit_scale=self.logit_scale.exp())
+
+    @staticmethod
+    def similarity(a: LexicalOutput | torch.Tensor, b: LexicalOutput | torch.Tensor) -> torch.Tensor:
+        a = a.vectors if isinstance(a, LexicalOutput) else a
+        b = b.vectors if isinstance(b, LexicalOutput) else b
+        return a @ b.T
+
+    def sparsify(self, out: LexicalOutput, threshold: float | None = None, topk: int | None = None
+                 ) -> LexicalOutput:
+        """Sparsify with the given settings, or the config's default (1/sqrt(V) threshold)."""
+        if threshold is None and topk is None:
+            threshold, topk = self.mapper.default_threshold(len(self.vocab)), self.config.mapper.topk
+        return out.sparsify(threshold, topk)
+
+    def top_words(self, x: LexicalOutput | torch.Tensor, k: int = 20) -> list[list[tuple[str, float]]]:
+        """The k highest-weighted words of each vector (zero entries never listed)."""
+        v = x.vectors if isinstance(x, LexicalOutput) else x
+        v = v.detach().float().reshape(-1, v.shape[-1]).cpu()
+        vals, idx = v.topk(min(k, v.shape[-1]), dim=-1)
+        return [[(self.vocab.words[int(i)], float(w)) for w, i in zip(vs, ix) if w > 0]
+                for vs, ix in zip(vals, idx)]
+
+    # ---------------------------------------------------------------- checkpoints
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what training changes: adapter, visual codebook, LoRA, temperature."""
+        return {n: p.detach().cpu().contiguous() for n, p in self.named_parameters() if p.requires_grad}
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        h.update(self.vocab.fingerprint().encode())
+        for name, t in sorted(self.trainable_state_dict().items()):
+            h.update(name.encode())
+            h.update(t.float().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """config.json + vocab.json + model.safetensors (trained weights only), written atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.config.save(tmp / CONFIG_FILE)
+        self.vocab.save(tmp / VOCAB_FILE)
+        save_file(self.trainable_state_dict(), tmp / WEIGHTS_FILE, metadata={"format": "lexvla"})
+        if path.exists():
+            old = path.with_name(path.name + ".old")
+            path.replace(old)
+            tmp.replace(path)
+            import shutil
+
+            shutil.rmtree(old)
+        else:
+            tmp.replace(path)
+        return path
+
+    def load_trained(self, state: dict[str, torch.Tensor]) -> None:
+        expected = {n for n, p in self.named_parameters() if p.requires_grad}
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not fit the model: missing={sorted(missing)[:5]} "
+                             f"unexpected={sorted(unexpected)[:5]}")
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                if params[name].shape != value.shape:
+                    raise ValueError(f"checkpoint tensor {name} has shape {tuple(value.shape)}, "
+                                     f"model expects {tuple(params[name].shape)}")
+                params[name].copy_(value)
+
+
+def _concat(outs: list[LexicalOutput]) -> LexicalOutput:
+    if len(outs) == 1:
+        return outs[0]
+    patches = None if outs[0].patch_vectors is None else torch.cat([o.patch_vectors for o in outs])
+    return LexicalOutput(torch.cat([o.vectors for o in outs]), patches, outs[0].grid)

@@ -1,0 +1,55 @@
+"""The weightless mapper: codebook scores -> non-negative, L2-normalised lexical vectors."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MapperConfig
+
+
+class LexicalMapper(nn.Module):
+    def __init__(self, cfg: MapperConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def activate(self, scores: torch.Tensor) -> torch.Tensor:
+        """Per-vector centering (see MapperConfig.centering), margin, then the activation.
+
+        Every step is monotonic within a vector, so the word ranking of the raw scores (the LLM's own
+        next-word ranking on the text side) is kept exactly.
+        """
+        x = scores
+        if self.cfg.centering != "none":
+            x = x - x.mean(-1, keepdim=True)
+            if self.cfg.centering == "standardize":
+                x = x / (x.std(-1, keepdim=True) + 1e-6)
+        x = x - self.cfg.margin
+        if self.cfg.activation == "elu1":
+            return F.elu(x) + 1.0
+        return torch.log1p(F.relu(x))
+
+    @staticmethod
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1, eps=1e-12)
+
+    def text(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B, V) last-token scores -> (B, V) lexical vectors."""
+        return self.normalize(self.activate(scores))
+
+    def image(self, patch_scores: torch.Tensor, return_patches: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, P, V) patch scores -> image vectors (B, V) by max over patches, and optionally the
+        per-patch lexical vectors (B, P, V), each normalised on its own."""
+        act = self.activate(patch_scores)
+        vectors = self.normalize(act.amax(dim=1))
+        return vectors, (self.normalize(act) if return_patches else None)
+
+    def default_threshold(self, vocab_size: int) -> float | None:
+        t = self.cfg.threshold
+        if t is None:
+            return None
+        if t == "inv_sqrt_v":
+            return 1.0 / vocab_size**0.5
+        return float(t)

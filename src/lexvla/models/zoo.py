@@ -1,0 +1,116 @@
+"""Named model configurations and the one factory, :func:`create_model`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..config import AdapterConfig, BackboneConfig, LexVLAConfig, LoraSettings, MapperConfig, TextConfig
+from ..vocab import Vocabulary
+from .lexvla import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, LexVLA
+
+logger = logging.getLogger(__name__)
+
+_MODELS: dict[str, Callable[[], LexVLAConfig]] = {}
+
+
+def register_model(name: str):
+    def wrap(fn: Callable[[], LexVLAConfig]):
+        _MODELS[name] = fn
+        return fn
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def get_config(name: str) -> LexVLAConfig:
+    try:
+        cfg = _MODELS[name]()
+    except KeyError:
+        raise ValueError(f"unknown model '{name}'; available: {list_models()} (or a checkpoint folder)") from None
+    cfg.name = name
+    return cfg
+
+
+def create_model(name_or_path: str | Path, **overrides: Any) -> LexVLA:
+    """A LexVLA model from a zoo name or a checkpoint folder; ``overrides`` are dotted config keys,
+    e.g. ``create_model("lexvla-tiny", **{"backbone.grid": 2})`` (zoo names only)."""
+    path = Path(name_or_path)
+    if path.is_dir() and (path / CONFIG_FILE).is_file():
+        if overrides:
+            raise ValueError("overrides apply to zoo names only; a checkpoint is restored as saved")
+        return load(path)
+    cfg = get_config(str(name_or_path))
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    return LexVLA(cfg)
+
+
+def load(path: str | Path) -> LexVLA:
+    """Restore a model saved by :meth:`LexVLA.save_pretrained` (safetensors + JSON; no pickle)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    for f in (CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE):
+        if not (path / f).is_file():
+            raise FileNotFoundError(f"{path} is not a LexVLA checkpoint: {f} is missing")
+    model = LexVLA(LexVLAConfig.load(path / CONFIG_FILE), vocab=Vocabulary.load(path / VOCAB_FILE))
+    model.load_trained(load_file(path / WEIGHTS_FILE))
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------- the zoo
+
+@register_model("lexvla-dinov2-b14-llama2-7b")
+def _paper() -> LexVLAConfig:
+    """Paper scale: DINOv2-B/14 + Llama 2 7B with LoRA. Needs the weights on disk or in the HF cache."""
+    return LexVLAConfig(
+        backbone=BackboneConfig(name="dinov2", source="facebook/dinov2-base", image_size=224),
+        adapter=AdapterConfig(width=1024, heads=16, mlp_ratio=2.0),  # ~17M params, as in the paper
+        text=TextConfig(source="meta-llama/Llama-2-7b-hf", lora=LoraSettings(r=20, alpha=40),  # ~21M
+                        gradient_checkpointing=True, dtype="bfloat16"),
+    )
+
+
+@register_model("lexvla-dinov2-s14-smollm2")
+def _small() -> LexVLAConfig:
+    return LexVLAConfig(
+        backbone=BackboneConfig(name="dinov2", source="facebook/dinov2-small", image_size=224),
+        adapter=AdapterConfig(width=512, heads=8),
+        text=TextConfig(source="embedded:smollm2", lora=LoraSettings(r=8, alpha=16)),
+    )
+
+
+@register_model("lexvla-embedded")
+def _embedded() -> LexVLAConfig:
+    """Everything from registry packages: CRAFT's VGG16-BN + SmolLM2-135M (frozen text side).
+
+    Backbone taps and grid were chosen by measurement on the toy task (docs/training.md).
+    """
+    return LexVLAConfig(
+        backbone=BackboneConfig(name="vgg16bn", source="embedded", image_size=112, taps=(12, 22, 39), grid=7),
+        adapter=AdapterConfig(width=384, heads=6, mlp_ratio=2.0),
+        text=TextConfig(source="embedded:smollm2"),
+        mapper=MapperConfig(),
+    )
+
+
+@register_model("lexvla-tiny")
+def _tiny() -> LexVLAConfig:
+    """Tiny random DINOv2 + tiny random Llama (SmolLM2's tokenizer): the real code path, for tests."""
+    return LexVLAConfig(
+        backbone=BackboneConfig(name="dinov2", source="random", image_size=56,
+                                arch={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                      "intermediate_size": 64, "patch_size": 14}),
+        adapter=AdapterConfig(width=32, heads=2, mlp_ratio=2.0),
+        text=TextConfig(source="random", tokenizer="embedded:smollm2", max_length=48,
+                        arch={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "num_key_value_heads": 2,
+                              "max_position_embeddings": 128},
+                        lora=LoraSettings(r=4, alpha=8, dropout=0.0)),
+    )
