@@ -10,13 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-ImageInput = Union[str, Path, Image.Image]
+ImageInput = str | Path | Image.Image
 
 
 class ImageLoadError(ValueError):
