@@ -26,7 +26,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lexvla.data.sources import Pair, PairRecord, SkipStats, decode_image
+from lexvla.data.sources import (
+    UNREADABLE_IMAGE,
+    ImageLoadError,
+    Pair,
+    PairRecord,
+    Skipped,
+    SkipStats,
+    decode_image,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -329,16 +337,16 @@ class EasyVQADataset:
     ``seed`` (fixed for the dataset's lifetime, so a resumed run sees the same pairs).
     """
 
-    def __init__(self, records: list[EasyVQARecord], stats: RecoveryStats, config: EasyVQAConfig,
+    def __init__(self, records: list[EasyVQARecord], recovery: RecoveryStats, config: EasyVQAConfig,
                  split: str, caption_mode: str = "all") -> None:
         if caption_mode not in CAPTION_MODES:
             raise ValueError(f"caption_mode must be one of {CAPTION_MODES}, got {caption_mode!r}")
         self.records = records
-        self.stats = stats
+        self.recovery = recovery  # label recovery counts (kept/dropped images)
         self.config = config
         self.split = split
         self.caption_mode = caption_mode
-        self.skips = SkipStats(source=f"easyvqa-{split}")
+        self.stats = SkipStats(source=f"easyvqa-{split}")  # images unreadable at load time
         n_t = len(config.templates)
         if caption_mode == "all":
             self._index = [(r, t) for r in range(len(records)) for t in range(n_t)]
@@ -363,11 +371,16 @@ class EasyVQADataset:
         """Metadata of every pair without decoding any image (for feature caches and evaluation)."""
         return [self.pair_record(i) for i in range(len(self))]
 
-    def __getitem__(self, index: int) -> Pair:
+    def __getitem__(self, index: int) -> Pair | Skipped:
         meta = self.pair_record(index)
-        return Pair(image=decode_image(meta.image), caption=meta.caption, id=meta.id, image_id=meta.image_id)
+        try:
+            image = decode_image(meta.image)
+        except ImageLoadError as err:
+            return self.stats.skip(meta.id, UNREADABLE_IMAGE, str(err))
+        self.stats.yielded += 1
+        return Pair(image=image, caption=meta.caption, id=meta.id, image_id=meta.image_id)
 
-    def __iter__(self) -> Iterator[Pair]:
+    def __iter__(self) -> Iterator[Pair | Skipped]:
         for i in range(len(self)):
             yield self[i]
 
@@ -402,7 +415,7 @@ def load_easyvqa(split: str = "train", config: EasyVQAConfig | None = None,
     """Load one split (``train``, ``val`` or ``test``) of the easy-vqa image-text set.
 
     Recovery runs on easy-vqa's whole train (or test) set; ``val`` and ``train`` are then disjoint subsets
-    of the kept train images. The drop counts are in ``dataset.stats`` and logged at INFO.
+    of the kept train images. The drop counts are in ``dataset.recovery`` and logged at INFO.
     """
     if split not in SPLITS:
         raise ValueError(f"easy-vqa split must be one of {SPLITS}, got {split!r}")
