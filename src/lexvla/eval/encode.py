@@ -1,0 +1,225 @@
+"""Batched encoding with a progress bar, a sparsification setting, and an on-disk vector cache.
+
+Works for any model object with ``encode_image(list_of_paths)`` / ``encode_text(list_of_str)`` that
+return something with a ``.vectors`` (N, D) tensor (a LexVLA model, or a dense baseline wrapped the
+same way). Caching needs ``model.fingerprint()``; without it every run re-encodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .._assets import cache_dir
+from ..outputs import sparsify
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- sparsification
+
+_SPARSIFIERS: dict[str, Callable[[torch.Tensor, float | None], torch.Tensor]] = {}
+
+
+def _sparsifier(name: str):
+    def deco(fn):
+        _SPARSIFIERS[name] = fn
+        return fn
+
+    return deco
+
+
+@_sparsifier("threshold")
+def _by_threshold(v: torch.Tensor, value: float | None) -> torch.Tensor:
+    return sparsify(v, threshold=value)
+
+
+@_sparsifier("topk")
+def _by_topk(v: torch.Tensor, value: float | None) -> torch.Tensor:
+    return sparsify(v, topk=int(value))
+
+
+@_sparsifier("none")
+def _keep_all(v: torch.Tensor, value: float | None) -> torch.Tensor:
+    return v
+
+
+@dataclass(frozen=True)
+class Sparsification:
+    """Inference-time sparsification of lexical vectors, applied before any similarity.
+
+    mode "threshold": keep entries > value; value None = 1/sqrt(V) (the paper's default), V = the
+    vectors' width. mode "topk": keep the ``int(value)`` largest entries. mode "none": dense.
+    Vectors are not re-normalised after sparsification (the paper compares the pruned vectors as is).
+    """
+
+    mode: str = "threshold"
+    value: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in _SPARSIFIERS:
+            raise ValueError(f"sparsification mode must be one of {sorted(_SPARSIFIERS)}, got {self.mode!r}")
+        if self.mode == "topk" and (self.value is None or int(self.value) <= 0):
+            raise ValueError(f"topk sparsification needs a positive k, got {self.value!r}")
+        if self.mode == "threshold" and self.value is not None and self.value < 0:
+            raise ValueError(f"threshold must be >= 0, got {self.value}")
+
+    @classmethod
+    def parse(cls, text: str) -> Sparsification:
+        """``"threshold"`` (1/sqrt(V)), ``"threshold:0.01"``, ``"topk:512"`` or ``"none"``."""
+        mode, _, value = text.strip().partition(":")
+        try:
+            return cls(mode, float(value) if value else None)
+        except ValueError as err:
+            raise ValueError(f"bad sparsification {text!r}: {err}") from None
+
+    def resolved_value(self, vocab_size: int) -> float | None:
+        if self.mode == "threshold" and self.value is None:
+            return 1.0 / math.sqrt(vocab_size)
+        return self.value
+
+    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
+        return _SPARSIFIERS[self.mode](vectors, self.resolved_value(vectors.shape[-1]))
+
+    def describe(self, vocab_size: int) -> dict[str, Any]:
+        value = self.resolved_value(vocab_size)
+        return {"mode": self.mode, "value": value, "default_threshold": self.mode == "threshold" and self.value is None}
+
+    def __str__(self) -> str:
+        return self.mode if self.value is None else f"{self.mode}:{self.value:g}"
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def file_digest(paths: Sequence[str | Path]) -> str:
+    """blake2b over the bytes of every file, in order (a renamed or edited image changes the key)."""
+    h = hashlib.blake2b(digest_size=20)
+    for p in paths:
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def text_digest(texts: Sequence[str]) -> str:
+    h = hashlib.blake2b(digest_size=20)
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def model_fingerprint(model: Any) -> str | None:
+    fp = getattr(model, "fingerprint", None)
+    return str(fp()) if callable(fp) else None
+
+
+@dataclass
+class VectorCache:
+    """Encoded vectors on disk as safetensors, one file per (model, modality, exact inputs)."""
+
+    root: Path
+
+    @classmethod
+    def default(cls) -> VectorCache:
+        return cls(cache_dir("eval", "vectors"))
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.safetensors"
+
+    @staticmethod
+    def key(model_fp: str, modality: str, data_digest: str, extra: dict | None = None) -> str:
+        blob = json.dumps(
+            {"v": CACHE_VERSION, "model": model_fp, "modality": modality, "data": data_digest, "extra": extra or {}},
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:40]
+
+    def load(self, key: str) -> torch.Tensor | None:
+        p = self.path(key)
+        if not p.is_file():
+            return None
+        try:
+            return load_file(str(p))["vectors"]
+        except Exception as err:  # noqa: BLE001 - a corrupt cache file is re-computed, not fatal
+            logger.warning("ignoring unreadable cache file %s (%s)", p, err)
+            return None
+
+    def save(self, key: str, vectors: torch.Tensor, meta: dict[str, str]) -> None:
+        p = self.path(key)
+        tmp = p.with_suffix(".tmp")
+        save_file({"vectors": vectors.contiguous()}, str(tmp), metadata=meta)
+        tmp.replace(p)  # atomic: a killed run never leaves a half-written cache entry
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def _encode_batches(fn: Callable[[list], Any], items: Sequence, batch_size: int, desc: str, progress: bool) -> torch.Tensor:
+    if len(items) == 0:
+        raise ValueError(f"nothing to encode ({desc}): the input list is empty")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    chunks = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress, unit="batch"):
+            out = fn(list(items[start : start + batch_size]))
+            vectors = getattr(out, "vectors", out)
+            if not isinstance(vectors, torch.Tensor) or vectors.ndim != 2:
+                raise TypeError(f"{desc}: the encoder must return an object with a (N, D) tensor `.vectors`")
+            chunks.append(vectors.detach().float().cpu())
+    return torch.cat(chunks)
+
+
+def encode_cached(
+    model: Any,
+    modality: str,
+    items: Sequence,
+    *,
+    batch_size: int = 32,
+    cache: VectorCache | None = None,
+    progress: bool = True,
+    data_digest: str | None = None,
+) -> torch.Tensor:
+    """Encode ``items`` (image paths for modality "image", strings for "text") -> (N, D) float32.
+
+    With a cache and a model fingerprint, a second call on the same model and identical inputs loads
+    the stored vectors instead of running the model. ``data_digest`` overrides the input hash.
+    """
+    encoders = {"image": "encode_image", "text": "encode_text"}
+    if modality not in encoders:
+        raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
+    fn = getattr(model, encoders[modality], None)
+    if not callable(fn):
+        raise TypeError(f"{type(model).__name__} has no {encoders[modality]}() method")
+    fp = model_fingerprint(model) if cache is not None else None
+    key = None
+    if fp is not None:
+        digest = data_digest or (file_digest(items) if modality == "image" else text_digest(items))
+        key = VectorCache.key(fp, modality, digest, {"n": len(items)})
+        hit = cache.load(key)
+        if hit is not None and len(hit) == len(items):
+            logger.info("loaded %d cached %s vectors from %s", len(hit), modality, cache.path(key))
+            return hit
+    elif cache is not None:
+        logger.info("model has no fingerprint(): encoded vectors are not cached")
+    vectors = _encode_batches(fn, items, batch_size, f"encode {modality}s", progress)
+    if len(vectors) != len(items):
+        raise RuntimeError(f"encoder returned {len(vectors)} vectors for {len(items)} {modality}s")
+    if key is not None:
+        cache.save(key, vectors, {"model": fp, "modality": modality, "count": str(len(items))})
+    return vectors

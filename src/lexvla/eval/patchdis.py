@@ -1,0 +1,211 @@
+"""PatchDis: classify every image patch by its patch lexical vector against class-name text vectors.
+
+Steps (the paper's patch-level interpretability metric): each class name is put in a prompt (default
+``"a photo of a {}."``) and encoded by the text encoder; each image's patch lexical vectors
+(``encode_image(..., return_patches=True)``) are scored against the class vectors by dot product after
+the same sparsification as retrieval; a patch takes the highest-scoring class (ties -> the lower class
+index); the patch map is upsampled to the mask size by nearest neighbour (pixel centres, the model's
+preprocessing resizes the whole image without cropping, so the patch grid covers the whole image);
+IoU per class, mIoU and pixel accuracy come from the confusion matrix summed over the set, 255 ignored.
+
+Background (when the set has a background class):
+* ``ignore`` (default): background pixels are not scored and background is never predicted, i.e. the
+  metric measures how well patches on objects pick the right class name;
+* ``class``: background is one more class with its own prompt (``"a photo of a background."``);
+* ``threshold``: a patch whose best class score is below ``background_threshold`` is background.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .encode import Sparsification, model_fingerprint
+from .metrics import SegmentationScores, confusion_matrix, segmentation_scores
+from .segmentation_data import IGNORE, SegmentationSet, SegSample, prompt_name
+
+logger = logging.getLogger(__name__)
+
+BACKGROUND_MODES = ("ignore", "class", "threshold")
+
+
+@dataclass
+class PatchDisConfig:
+    prompt: str = "a photo of a {}."
+    background: str = "ignore"
+    background_threshold: float = 0.0
+    sparsification: Sparsification = field(default_factory=Sparsification)
+    batch_size: int = 8
+    figures: int = 4  # how many pictures to draw (first N images)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if "{}" not in self.prompt:
+            raise ValueError(f"the class prompt must contain '{{}}' for the class name, got {self.prompt!r}")
+        if self.background not in BACKGROUND_MODES:
+            raise ValueError(f"background must be one of {BACKGROUND_MODES}, got {self.background!r}")
+        if isinstance(self.sparsification, str):
+            self.sparsification = Sparsification.parse(self.sparsification)
+        if self.batch_size <= 0 or self.figures < 0:
+            raise ValueError("batch_size must be positive and figures >= 0")
+
+
+def upsample_nearest(patch_map: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(rows, cols) -> (height, width): each pixel takes the patch its centre falls in."""
+    rows, cols = patch_map.shape
+    r = np.minimum(((np.arange(height) + 0.5) * rows / height).astype(np.int64), rows - 1)
+    c = np.minimum(((np.arange(width) + 0.5) * cols / width).astype(np.int64), cols - 1)
+    return patch_map[r[:, None], c[None, :]]
+
+
+@dataclass
+class PatchDisResult:
+    dataset: str
+    model: str
+    num_images: int
+    class_names: list[str]
+    scored_classes: list[str]  # classes that competed for patches
+    miou: float
+    pixel_accuracy: float
+    iou: dict[str, float | None]
+    num_pixels: int
+    prompt: str
+    background: str
+    sparsification: dict[str, Any]
+    grid: tuple[int, int] | None
+    figures: list[str] = field(default_factory=list)
+    protocol: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    def table(self) -> str:
+        lines = [
+            f"PatchDis on {self.dataset} ({self.num_images} images, grid {self.grid}, background {self.background}): "
+            f"mIoU {100 * self.miou:.2f}  pixel acc {100 * self.pixel_accuracy:.2f}",
+            f"{'class':<24}{'IoU':>8}",
+        ]
+        lines += [f"{n:<24}{100 * v:>8.2f}" for n, v in self.iou.items() if v is not None]
+        return "\n".join(lines)
+
+
+@dataclass
+class PatchPrediction:
+    sample: SegSample
+    image: Any  # PIL image
+    patch_map: np.ndarray  # (rows, cols) class indices
+    label: np.ndarray  # (H, W) ground truth after the background rule
+    pred: np.ndarray  # (H, W) upsampled prediction
+
+
+def _class_vectors(model: Any, names: list[str], prompt: str, spars: Sparsification) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.encode_text([prompt.format(prompt_name(n)) for n in names])
+    return spars(out.vectors.detach().float().cpu())
+
+
+def predict_patches(
+    model: Any, data: SegmentationSet, config: PatchDisConfig, on_prediction: Callable[[PatchPrediction], None]
+) -> tuple[list[int], tuple[int, int] | None, int]:
+    """Run the model over ``data``, calling ``on_prediction`` per image.
+
+    Returns the scored class indices, the patch grid and the vector width (vocabulary size).
+    """
+    k = len(data.class_names)
+    bg = data.background
+    use_bg_class = bg is not None and config.background == "class"
+    scored = [c for c in range(k) if c != bg or use_bg_class]
+    class_vecs = _class_vectors(model, [data.class_names[c] for c in scored], config.prompt, config.sparsification)
+    scored_t = torch.tensor(scored)
+    grid = None
+    batches = range(0, len(data.samples), config.batch_size)
+    for start in tqdm(batches, desc="patchdis", disable=not config.progress, unit="batch"):
+        samples = data.samples[start : start + config.batch_size]
+        images = [s.load_image() for s in samples]
+        with torch.no_grad():
+            out = model.encode_image(images, return_patches=True)
+        if out.patch_vectors is None or out.grid is None:
+            raise TypeError("PatchDis needs encode_image(..., return_patches=True) to return patch_vectors and grid")
+        grid = tuple(out.grid)
+        patches = config.sparsification(out.patch_vectors.detach().float().cpu())
+        scores = patches @ class_vecs.T  # (B, P, C)
+        for s, img, sc in zip(samples, images, scores):
+            if s.candidates is not None:
+                allowed = torch.tensor([c in s.candidates for c in scored])
+                sc = sc.masked_fill(~allowed, -torch.inf)
+            best, arg = sc.max(-1)
+            cls = scored_t[arg]
+            if bg is not None and config.background == "threshold":
+                cls = torch.where(best < config.background_threshold, torch.tensor(bg), cls)
+            patch_map = cls.numpy().reshape(grid)
+            label = s.load_mask()
+            if bg is not None and config.background == "ignore":
+                label = np.where(label == bg, IGNORE, label)
+            pred = upsample_nearest(patch_map, *label.shape)
+            on_prediction(PatchPrediction(s, img, patch_map, label, pred))
+    return scored, grid, class_vecs.shape[1]
+
+
+def evaluate_patchdis(
+    model: Any, data: SegmentationSet, config: PatchDisConfig | None = None, out_dir: str | Path | None = None,
+    model_name: str = "",
+) -> PatchDisResult:
+    """PatchDis mIoU of ``model`` on ``data``; with ``out_dir``, also draws ``config.figures`` pictures."""
+    config = config or PatchDisConfig()
+    k = len(data.class_names)
+    conf = np.zeros((k, k), np.int64)
+    figures: list[str] = []
+
+    def consume(p: PatchPrediction) -> None:
+        nonlocal conf
+        if p.label.shape != (p.image.height, p.image.width):
+            raise ValueError(
+                f"{data.name}/{p.sample.id}: mask is {p.label.shape[1]}x{p.label.shape[0]} but the image is "
+                f"{p.image.width}x{p.image.height}"
+            )
+        conf += confusion_matrix(p.pred, p.label, k)
+        if out_dir is not None and len(figures) < config.figures:
+            from .figures import patchdis_figure
+
+            path = Path(out_dir) / f"patchdis_{data.name}_{len(figures):02d}_{_safe(p.sample.id)}.png"
+            figures.append(str(patchdis_figure(p, data.class_names, path)))
+
+    scored, grid, dim = predict_patches(model, data, config, consume)
+    scores: SegmentationScores = segmentation_scores(conf)
+    result = PatchDisResult(
+        dataset=data.name,
+        model=model_name or model_fingerprint(model) or type(model).__name__,
+        num_images=len(data.samples),
+        class_names=list(data.class_names),
+        scored_classes=[data.class_names[c] for c in scored],
+        miou=scores.miou,
+        pixel_accuracy=scores.pixel_accuracy,
+        iou={n: v for n, v in zip(data.class_names, scores.iou)},
+        num_pixels=scores.num_pixels,
+        prompt=config.prompt,
+        background=config.background if data.background is not None else "none in the set",
+        sparsification=config.sparsification.describe(dim),
+        grid=grid,
+        figures=figures,
+        protocol=data.protocol,
+    )
+    logger.info("%s", result.table())
+    return result
+
+
+def _safe(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text)[:40]
