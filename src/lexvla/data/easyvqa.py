@@ -15,6 +15,7 @@ position on the line from background to shape colour; the generator anti-aliases
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -200,8 +201,12 @@ class ShapePixels:
 
 
 def _mode_colour(pixels: np.ndarray) -> np.ndarray:
-    colours, counts = np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0, return_counts=True)
-    return colours[int(np.argmax(counts))]
+    """Most frequent RGB triple (packed into one integer: 1-D unique is ~20x faster than axis=0)."""
+    flat = pixels.reshape(-1, 3).astype(np.int32)
+    packed = (flat[:, 0] << 16) | (flat[:, 1] << 8) | flat[:, 2]
+    values, counts = np.unique(packed, return_counts=True)
+    v = int(values[int(np.argmax(counts))])
+    return np.array([(v >> 16) & 255, (v >> 8) & 255, v & 255])
 
 
 def analyse_shape_pixels(image: np.ndarray | Image.Image, min_distance: float = 60.0) -> ShapePixels:
@@ -430,6 +435,13 @@ class EasyVQADataset:
         return [self.record_for(i)[0].shape for i in range(len(self))]
 
 
+@functools.lru_cache(maxsize=8)
+def _recover_split(source_split: str, config: EasyVQAConfig) -> tuple[list[EasyVQARecord], RecoveryStats]:
+    """Recovery reads every image once (a few seconds); train, val and eval loaders share the result."""
+    q, a, ids, paths = _easyvqa_source(source_split)
+    return recover_labels(q, a, ids, paths, config, source_split)
+
+
 def _val_ids(ids: Sequence[int], fraction: float, seed: int) -> set[int]:
     ordered = sorted(ids)
     n_val = int(round(len(ordered) * fraction))
@@ -447,9 +459,8 @@ def load_easyvqa(split: str = "train", config: EasyVQAConfig | None = None,
     if split not in SPLITS:
         raise ValueError(f"easy-vqa split must be one of {SPLITS}, got {split!r}")
     config = config or EasyVQAConfig()
-    source_split = "test" if split == "test" else "train"
-    q, a, ids, paths = _easyvqa_source(source_split)
-    records, stats = recover_labels(q, a, ids, paths, config, source_split)
+    records, stats = _recover_split("test" if split == "test" else "train", config)
+    records = list(records)  # the cached list stays untouched
     if split != "test":
         val = _val_ids([r.image_id for r in records], config.val_fraction, config.seed)
         records = [
