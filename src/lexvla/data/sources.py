@@ -523,6 +523,12 @@ class TarShardSource(IterableDataset):
                         key, members = k, {}
                     f = tar.extractfile(info)
                     members[ext.lower()] = f.read() if f is not None else b""
+                end = tar.offset
+            # tarfile takes a header cut short for the end of the archive: a complete tar has two zero
+            # blocks after the last member, so a file that stops before them was truncated
+            if os.path.isfile(shard) and os.path.getsize(shard) < end + 2 * tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"shard ends at byte {os.path.getsize(shard)} without the end-of-archive "
+                                        "blocks (truncated download?)")
         except (tarfile.TarError, OSError, EOFError) as err:
             self.stats.skip(f"{shard}@{key}", UNREADABLE_SHARD, str(err))
             return
