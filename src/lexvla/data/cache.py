@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -267,6 +268,7 @@ def build_cache(
     with_pairs = False
     batch_ids: list[str] = []
     batch: list[Any] = []
+    failed: dict[str, str] = {}  # image id -> skip reason
     computed = 0
 
     def flush() -> None:
@@ -290,15 +292,22 @@ def build_cache(
             continue
         if isinstance(item, PairItem):
             with_pairs = True
+            skips.seen += 1
             item_id = item.record.image_id
+            if item_id in failed:  # another caption of an image that could not be read: not decoded again
+                skips.add([Skipped(item.record.id, failed[item_id])])
+                continue
             if item_id in writer.done or item_id in batch_ids:
                 writer.add_pair(item.record)
+                skips.yielded += 1
                 continue
             payload = item.load()
             if isinstance(payload, Skipped):
                 skips.add([payload])
+                failed[item_id] = payload.reason
                 continue
             writer.add_pair(item.record)
+            skips.yielded += 1
         else:
             item_id, payload = item
             if item_id in writer.done or item_id in batch_ids:
@@ -372,6 +381,16 @@ def build_feature_cache(
     if result.skips.skipped:
         logger.warning("feature cache skipped samples:\n%s", result.skips.report())
     return result
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """Hash of a module's class, parameters and buffers (names, shapes, values): a cache key part that
+    changes whenever the weights do, e.g. for randomly initialised backbones."""
+    h = hashlib.sha256(type(module).__qualname__.encode())
+    for name, t in itertools.chain(module.named_parameters(), module.named_buffers()):
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------------- text
