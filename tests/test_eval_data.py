@@ -55,13 +55,14 @@ def write_karpathy(root: Path, kind: str, n_test: int = 3) -> Path:
 @pytest.mark.parametrize("kind", ["flickr30k", "coco"])
 def test_karpathy_loader(tmp_path, kind):
     write_karpathy(tmp_path, kind)
-    rs = load_retrieval_set(kind, RetrievalDataConfig(root=tmp_path, split="test"))
+    rs = load_retrieval_set(kind, RetrievalDataConfig(root=tmp_path, split="test", check_split=False))
     assert len(rs.image_paths) == 3 and len(rs.texts) == 15  # first five captions per image
     assert all(p.is_file() for p in rs.image_paths)
     assert rs.texts[0] == "Image 0 Caption 0."  # whitespace collapsed, case kept
     assert rs.text_keys.tolist() == [0] * 5 + [1] * 5 + [2] * 5
     assert rs.protocol["captions_per_image"] == 5 and rs.protocol["lowercase"] is False
-    low = load_retrieval_set(kind, RetrievalDataConfig(root=tmp_path, lowercase=True, captions_per_image=None))
+    low = load_retrieval_set(kind, RetrievalDataConfig(root=tmp_path, lowercase=True, captions_per_image=None,
+                                                       check_split=False))
     assert low.texts[0] == "image 0 caption 0." and len(low.texts) == 16
 
 
@@ -85,6 +86,30 @@ def test_coco_split_check_against_reference(tmp_path):
         check_coco_split([1, 2], [[5, 6], [7, 9]], ref)
     with pytest.raises(ValueError, match="differs from the standard"):
         check_coco_split([1, 3], [[5, 6], [7, 8]], ref)
+
+
+def test_coco_loader_refuses_a_non_standard_test_split(tmp_path):
+    from lexvla.eval.retrieval_data import eccv_caption_reference
+
+    if eccv_caption_reference() is None:
+        pytest.skip("eccv-caption not installed")
+    write_karpathy(tmp_path, "coco")
+    with pytest.raises(ValueError, match="standard 5K test split"):
+        load_retrieval_set("coco", RetrievalDataConfig(root=tmp_path))
+    rs = load_retrieval_set("coco", RetrievalDataConfig(root=tmp_path, check_split=False))
+    assert "eccv_caption_check" not in rs.protocol
+
+
+def test_eccv_reference_matches_karpathy_sentids():
+    """eccv-caption's first test image is Karpathy's first COCO test image (cocoid 391895)."""
+    from lexvla.eval.retrieval_data import eccv_caption_reference
+
+    ref = eccv_caption_reference()
+    if ref is None:
+        pytest.skip("eccv-caption not installed")
+    data = json.loads(ref.read_text())
+    assert len(data) == 5000 and sum(len(v) for v in data.values()) == 25000
+    assert sorted(data["391895"]) == [770337, 771687, 772707, 776154, 781998]
 
 
 def test_manifest_jsonl_and_csv(tmp_path):

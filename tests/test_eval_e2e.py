@@ -133,7 +133,8 @@ def test_cli_retrieval(tmp_path, cache_root, capsys, monkeypatch, model):
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["eval", "retrieval", "--model", "lexvla-tiny", "--dataset", "coco", "--root",
-                              str(tmp_path), "--out", str(tmp_path / "res"), "--no-progress", "--sparsify", "topk:64"])
+                              str(tmp_path), "--out", str(tmp_path / "res"), "--no-progress", "--sparsify", "topk:64",
+                              "--no-split-check"])
     assert args.func(args) == 0
     assert "R@1" in capsys.readouterr().out
     saved = json.loads((tmp_path / "res" / "retrieval_coco.json").read_text())

@@ -203,7 +203,7 @@ def evaluate_patchdis(
         figures=figures,
         protocol=data.protocol,
     )
-    logger.info("%s", result.table())
+    logger.info("PatchDis on %s: mIoU %.4f, pixel accuracy %.4f", data.name, result.miou, result.pixel_accuracy)
     return result
 
 

@@ -142,5 +142,6 @@ def evaluate_retrieval(model: Any, data: RetrievalSet, config: RetrievalConfig |
     enc = encode_set(model, data, config)
     name = model_name or model_fingerprint(model) or type(model).__name__
     result = retrieval_from_vectors(enc.images, enc.texts, data, config.sparsification, config.ties, config.ks, name, enc.seconds)
-    logger.info("retrieval on %s:\n%s", data.name, result.table())
+    logger.info("retrieval on %s: R@1 image->text %.4f, text->image %.4f", data.name,
+                result.image_to_text.recall.get(1, float("nan")), result.text_to_image.recall.get(1, float("nan")))
     return result
