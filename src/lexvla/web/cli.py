@@ -1,0 +1,50 @@
+"""``lexvla serve idx/ --model M [--host 127.0.0.1 --port 8000]``: the local search web app."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .app import create_app
+        from .service import SearchService, WebConfig
+    except ImportError as err:
+        raise ValueError(f"the web app needs the 'web' extras ({err.name} is missing): "
+                         "pip install 'lexvla[web]'") from None
+    from ..index import SparseIndex
+    from ..models import create_model
+
+    if args.host not in LOOPBACK:
+        logger.warning("serving on %s: anyone who can reach this address can search the index and see "
+                       "its images (there is no authentication)", args.host)
+    index = SparseIndex.open(args.index, backend=args.backend)
+    model = create_model(args.model).eval()
+    config = WebConfig(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+    service = SearchService(model, index, config, model_name=str(args.model))
+    app = create_app(service)
+    print(f"lexvla: serving {args.index} ({service.n_items()} images) at http://{args.host}:{args.port}/ "
+          f"(API docs at /api/docs); Ctrl-C stops")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        index.close()
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="local web app: explained image search over an index")
+    p.add_argument("index", help="index folder (from `lexvla index build`)")
+    p.add_argument("--model", default="lexvla-embedded", help="the model the index was built with")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", default=None, help="search backend (default: the index's own)")
+    p.add_argument("--max-upload-mb", type=float, default=8.0, help="largest accepted upload")
+    p.set_defaults(func=_serve)

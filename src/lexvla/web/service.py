@@ -1,0 +1,279 @@
+"""What the web app does, without HTTP: search an index with a model, explain hits, draw pictures.
+
+Safety rules live here so they hold whatever the transport:
+
+- files are only ever opened from paths recorded in the index (looked up by item id); nothing the
+  client sends becomes a path;
+- uploads are decoded only after their size and their magic bytes (Pillow's format detection, not
+  the file name or the declared content type) are checked, with a pixel-count limit against
+  decompression bombs.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..index import Hit, SparseIndex
+from ..preprocess import to_rgb
+
+logger = logging.getLogger(__name__)
+
+# Pillow format name -> media type, for the formats accepted as uploads and served back.
+IMAGE_MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp",
+                     "BMP": "image/bmp", "TIFF": "image/tiff"}
+
+
+class UploadError(ValueError):
+    """A rejected upload; ``status`` is the HTTP status the web layer answers with."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class NotFound(KeyError):
+    """An item id that is not in the index (or whose file is gone)."""
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes
+        return str(self.args[0]) if self.args else "not found"
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """Limits and defaults of the web app."""
+
+    max_upload_bytes: int = 8 * 1024 * 1024
+    max_image_pixels: int = 40_000_000  # ~ 6300 x 6300; larger images are refused before decoding
+    max_query_chars: int = 300
+    default_k: int = 24
+    max_k: int = 100
+    tile_words: int = 6  # matching words shown per result tile
+    cache_items: int = 64  # explained items kept in memory (patch vectors + pictures)
+    upload_formats: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+
+    def __post_init__(self) -> None:
+        if self.max_upload_bytes < 1024:
+            raise ValueError(f"max_upload_bytes must be >= 1024, got {self.max_upload_bytes}")
+        if not 1 <= self.default_k <= self.max_k:
+            raise ValueError(f"need 1 <= default_k ({self.default_k}) <= max_k ({self.max_k})")
+        if self.max_query_chars < 1 or self.tile_words < 1 or self.cache_items < 1:
+            raise ValueError("max_query_chars, tile_words and cache_items must be >= 1")
+        unknown = set(self.upload_formats) - set(IMAGE_MEDIA_TYPES)
+        if unknown:
+            raise ValueError(f"upload_formats {sorted(unknown)} not supported; choose from {sorted(IMAGE_MEDIA_TYPES)}")
+
+
+def decode_upload(data: bytes, config: WebConfig) -> Image.Image:
+    """Bytes of an uploaded file -> RGB image, or :class:`UploadError` (413 too large, 415 not an
+    accepted image type, 422 a broken image)."""
+    if len(data) > config.max_upload_bytes:
+        raise UploadError(f"upload is {len(data)} bytes; the limit is {config.max_upload_bytes}", 413)
+    if not data:
+        raise UploadError("upload is empty", 422)
+    try:
+        img = Image.open(io.BytesIO(data))  # reads the header only: format from magic bytes
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise UploadError(f"upload is not an image; accepted types: {', '.join(config.upload_formats)}",
+                          415) from None
+    if img.format not in config.upload_formats:
+        raise UploadError(f"image type {img.format} is not accepted; accepted: {', '.join(config.upload_formats)}",
+                          415)
+    w, h = img.size
+    if w * h > config.max_image_pixels:
+        raise UploadError(f"image is {w}x{h} pixels; the limit is {config.max_image_pixels} pixels", 413)
+    try:
+        img.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise UploadError(f"image could not be decoded: {err}", 422) from None
+    return to_rgb(img)
+
+
+class _LRU:
+    """A small thread-safe LRU cache of computed values."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._data: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_or_compute(self, key: Any, compute: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return self._data[key]
+        value = compute()  # outside the lock: two racing requests compute twice, harmlessly
+        with self._lock:
+            self._data[key] = value
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+        return value
+
+
+@dataclass
+class SearchResult:
+    """Hits of one query (images, and captions when the index holds a caption collection)."""
+
+    kind: str  # "text" or "image"
+    query: str
+    query_words: list[tuple[str, float]]
+    hits: list[Hit]
+    captions: list[Hit] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class SearchService:
+    """A model and the index built with it; thread-safe for the web server's worker threads."""
+
+    def __init__(self, model: Any, index: SparseIndex, config: WebConfig | None = None,
+                 model_name: str = "") -> None:
+        index.check_model(model)  # refuse to serve an index with the wrong model, with a clear message
+        self.model = model
+        self.index = index
+        self.config = config or WebConfig()
+        self.model_name = model_name or getattr(getattr(model, "config", None), "name", "") or "model"
+        self._index_lock = threading.Lock()  # backends and store caches are not made for concurrent use
+        self._render_lock = threading.Lock()  # matplotlib's font/text caches are shared state
+        self._explanations = _LRU(self.config.cache_items)
+        self._pictures = _LRU(self.config.cache_items * 3)
+        self.has_captions = index.has_collection("texts")
+        with self._index_lock:
+            index.sync()
+
+    # -- items --------------------------------------------------------------------------------------
+    def n_items(self) -> int:
+        return self.index.store("images").n_alive
+
+    def item(self, item_id: str) -> dict:
+        """``{"id", <metadata>}`` of a live image item; :class:`NotFound` otherwise."""
+        with self._index_lock:
+            store = self.index.store("images")
+            row = store.row_of(item_id)
+            if row is None:
+                raise NotFound(f"no image with id {item_id!r} in the index")
+            return dict(store.items()[row])
+
+    def image_file(self, item_id: str) -> tuple[Path, str]:
+        """Path (from the index, never from the client) and media type of an item's image."""
+        item = self.item(item_id)
+        path = Path(str(item.get("path", "")))
+        if not path.is_file():
+            raise NotFound(f"the image file of {item_id!r} is no longer at the path recorded in the index")
+        try:
+            with Image.open(path) as img:
+                media = IMAGE_MEDIA_TYPES.get(img.format or "", "")
+        except (UnidentifiedImageError, OSError):
+            media = ""
+        if not media:
+            raise NotFound(f"the file of {item_id!r} is not a servable image")
+        return path, media
+
+    # -- search -------------------------------------------------------------------------------------
+    def _check_k(self, k: int | None) -> int:
+        k = self.config.default_k if k is None else int(k)
+        if not 1 <= k <= self.config.max_k:
+            raise ValueError(f"k must be between 1 and {self.config.max_k}, got {k}")
+        return k
+
+    def _query_words(self, vectors: torch.Tensor) -> list[tuple[str, float]]:
+        q = self.index.prepare_queries(vectors)
+        order = q.data.argsort()[::-1][:20]
+        return [(self.index.vocab.words[int(q.indices[j])], float(q.data[j])) for j in order]
+
+    def search_text(self, text: str, k: int | None = None) -> SearchResult:
+        text = " ".join(text.split())
+        if not text:
+            raise ValueError("the query is empty")
+        if len(text) > self.config.max_query_chars:
+            raise ValueError(f"the query has {len(text)} characters; the limit is {self.config.max_query_chars}")
+        k = self._check_k(k)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            vectors = self.model.encode_text([text]).vectors
+        with self._index_lock:
+            hits = self.index.search_vectors(vectors, k)[0]
+            words = self._query_words(vectors)
+        return SearchResult("text", text, words, hits, seconds=time.perf_counter() - t0)
+
+    def search_image(self, image: Image.Image, k: int | None = None, name: str = "upload") -> SearchResult:
+        k = self._check_k(k)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            vectors = self.model.encode_image([image]).vectors
+        with self._index_lock:
+            hits = self.index.search_vectors(vectors, k)[0]
+            captions = self.index.search_vectors(vectors, min(k, 10), "texts")[0] if self.has_captions else []
+            words = self._query_words(vectors)
+        return SearchResult("image", name, words, hits, captions, time.perf_counter() - t0)
+
+    # -- explanations and pictures ------------------------------------------------------------------
+    def explain(self, item_id: str, query: str | None = None):
+        """:class:`lexvla.viz.ImageExplanation` of an item (with the query's heat map when given)."""
+        from ..viz import explain_image
+
+        query = " ".join((query or "").split())
+        if len(query) > self.config.max_query_chars:
+            raise ValueError(f"the query has {len(query)} characters; the limit is {self.config.max_query_chars}")
+        path, _ = self.image_file(item_id)
+
+        def compute():
+            with torch.no_grad():
+                return explain_image(self.model, path, [query] if query else [], model_name=self.model_name)
+
+        return self._explanations.get_or_compute((item_id, query), compute)
+
+    def picture(self, item_id: str, kind: str, query: str | None = None) -> bytes:
+        """PNG bytes of ``kind`` in :data:`PICTURES` for an item (cached)."""
+        try:
+            draw = PICTURES[kind]
+        except KeyError:
+            raise ValueError(f"unknown picture {kind!r}; available: {sorted(PICTURES)}") from None
+        query = " ".join((query or "").split())
+        if kind == "heatmap" and not query:
+            raise ValueError("a heat map needs a text query (q)")
+        expl = self.explain(item_id, query if kind == "heatmap" else None)
+
+        def compute() -> bytes:
+            buf = io.BytesIO()
+            with self._render_lock:
+                draw(expl, buf)
+            return buf.getvalue()
+
+        return self._pictures.get_or_compute((item_id, kind, query if kind == "heatmap" else ""), compute)
+
+
+def _draw_word_cloud(expl, buf: io.BytesIO) -> None:
+    from ..viz import word_cloud
+
+    word_cloud(expl.words, buf, width=640, height=360)
+
+
+def _draw_patches(expl, buf: io.BytesIO) -> None:
+    from ..viz import patch_words_figure
+
+    patch_words_figure(expl.image, expl.patch_words, expl.grid, buf, width_in=6.4)
+
+
+def _draw_heatmap(expl, buf: io.BytesIO) -> None:
+    from ..viz import text_heatmap
+
+    match = expl.texts[0]
+    text_heatmap(expl.image, match.patch_scores, buf, text=match.text, width_in=5.4)
+
+
+# Pictures the app can draw for an item, by the name used in the API.
+PICTURES: dict[str, Callable[[Any, io.BytesIO], None]] = {
+    "wordcloud": _draw_word_cloud,
+    "patches": _draw_patches,
+    "heatmap": _draw_heatmap,
+}
