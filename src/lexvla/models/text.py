@@ -118,11 +118,15 @@ class TextLexicalEncoder(nn.Module):
             llm.gradient_checkpointing_enable()
             llm.config.use_cache = False
         if cfg.lora is not None:
+            import warnings
+
             from peft import LoraConfig, get_peft_model
 
-            llm = get_peft_model(llm, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
-                                                 lora_dropout=cfg.lora.dropout,
-                                                 target_modules=list(cfg.lora.target_modules)))
+            lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                              target_modules=list(cfg.lora.target_modules))
+            with warnings.catch_warnings():  # peft calls a transformers property deprecated in v5
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                llm = get_peft_model(llm, lora)
         self.llm = llm
         self.hidden_size = head.shape[1]
 
