@@ -1,0 +1,66 @@
+"""``lexvla train --config run.yaml [key=value ...] [--resume [PATH]]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    result = train(cfg, resume=args.resume)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        last = result.final_metrics
+        print(f"trained {result.steps} steps, {result.samples_seen} pairs, {result.pairs_per_second:.1f} pairs/s; "
+              f"loss {last.get('loss', float('nan')):.4f}")
+        for v in result.validation[-1:]:
+            print("validation: " + ", ".join(f"{k} {x:.3f}" for k, x in v.items() if k != "step"))
+        if result.skipped:
+            print(f"skipped {result.skipped} unusable samples (see the log)")
+        print(f"model: {result.model_dir}\ncheckpoint: {result.checkpoint}")
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="training YAML (see src/lexvla/configs/); defaults apply without one")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. steps=100 data.batch_size=32 optim.lr.adapter=3e-4")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="continue from a checkpoint folder, or (no value) from the newest in the output dir")
+    p.add_argument("--output-dir", help="overrides output_dir")
+    p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train LexVLA (one process, or under accelerate launch / torchrun)")
+    add_arguments(p)
+    p.set_defaults(func=_run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for ``python -m lexvla.train`` (same arguments as ``lexvla train``)."""
+    parser = argparse.ArgumentParser(prog="lexvla-train", description="Train LexVLA.")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose + 1, 2),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return _run(args)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        if args.verbose > 1:
+            raise
+        print(f"lexvla train: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,299 @@
+"""The training loop: one code path for one CPU, one GPU, DDP and FSDP (Hugging Face Accelerate).
+
+Launch with ``lexvla train --config run.yaml`` (one process) or
+``accelerate launch --num_processes N -m lexvla.train --config run.yaml`` (several; ``torchrun`` works
+too). ``data.batch_size`` is the global batch; the contrastive loss is computed over all of it
+(:mod:`lexvla.train.distributed`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..losses import LexVLALoss
+from .checkpoint import CheckpointWriter, TrainerState, latest_checkpoint, load_checkpoint
+from .config import TrainConfig
+from .data import TrainStream
+from .distributed import GatheredLexVLALoss
+from .optim import build_optimizer, build_scheduler
+from .tracking import MetricsLogger
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``model_dir`` loads with ``lexvla.load``; throughput excludes the first step."""
+
+    output_dir: str
+    model_dir: str
+    checkpoint: str
+    steps: int
+    samples_seen: int
+    seconds: float
+    pairs_per_second: float
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    validation: list[dict[str, Any]] = field(default_factory=list)
+    skipped: int = 0
+    skip_report: str = ""
+    resumed_from: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_model(cfg: TrainConfig) -> Any:
+    """The model named in the config: a zoo name with overrides, or a saved checkpoint folder."""
+    from ..models import create_model
+
+    overrides = dict(cfg.model.overrides)
+    if cfg.gradient_checkpointing is not None:
+        overrides["text.gradient_checkpointing"] = cfg.gradient_checkpointing
+    path = Path(cfg.model.name)
+    if path.is_dir():
+        if overrides:
+            raise ValueError("model.overrides / gradient_checkpointing apply to zoo names, not to the saved "
+                             f"model {path} (it is restored as saved)")
+        from ..models import load
+
+        model = load(path)
+    else:
+        model = create_model(cfg.model.name, **overrides)
+    if getattr(model.config.text, "gradient_checkpointing", False) and model.text.trainable:
+        # Reentrant checkpointing only backpropagates into LoRA when the embeddings' output needs grad.
+        model.text.llm.enable_input_require_grads()
+    return model.train()
+
+
+def _accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # broadcast_buffers=False: the frozen text codebook is a (V x D) buffer that never changes; DDP would
+    # otherwise re-broadcast it before every forward pass.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu, kwargs_handlers=[ddp])
+
+
+def _resolve_resume(resume: str | bool | None, output_dir: Path) -> Path | None:
+    if not resume:
+        return None
+    if resume is True or resume == "auto":
+        found = latest_checkpoint(output_dir)
+        if found is None:
+            logger.info("no checkpoint in %s: starting from scratch", output_dir)
+        return found
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {path}: no such checkpoint folder")
+    return path
+
+
+def _sparsity(vectors: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Mean number of words above the inference threshold (the paper's 1/sqrt(V))."""
+    return (vectors.detach() > threshold).sum(-1).float().mean()
+
+
+def train(cfg: TrainConfig, resume: str | bool | None = None) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data``; ``resume`` = a checkpoint folder, or True/"auto" for the
+    newest one in ``cfg.output_dir`` (a fresh start when there is none)."""
+    from accelerate.utils import set_seed
+
+    start_time = time.perf_counter()
+    acc = _accelerator(cfg)
+    out_dir = Path(cfg.output_dir)
+    if acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(out_dir / "train_config.json")
+    acc.wait_for_everyone()
+    set_seed(cfg.seed)  # identical initialisation on every rank
+    model = build_model(cfg)
+    stream = TrainStream(cfg.data, model, acc, cfg.seed, log_dir=str(out_dir / "skips"))
+    total_steps = _total_steps(cfg, stream)
+    optimizer, groups = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    for g in groups:
+        logger.info("param group %-24s %10d params  lr %.2e  wd %.3g", g.name, g.params, g.lr, g.weight_decay)
+    loss_fn = GatheredLexVLALoss(LexVLALoss(cfg.loss.regulariser, cfg.loss.image_weight, cfg.loss.text_weight,
+                                            cfg.loss.ramp_steps), cfg.loss.local_loss)
+    model, optimizer = acc.prepare(model, optimizer)  # the scheduler is stepped by hand: once per step
+    core = acc.unwrap_model(model)
+    threshold = 1.0 / math.sqrt(len(core.vocab))
+    max_log_scale = math.log(cfg.optim.max_logit_scale)
+
+    state = TrainerState(world_size=acc.num_processes)
+    resumed = _resolve_resume(resume, out_dir)
+    if resumed is not None:
+        state = load_checkpoint(resumed, acc, model, optimizer, scheduler)
+        state.world_size = acc.num_processes
+        stream.seek(state.epoch, state.batches_in_epoch)
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", resumed, state.step, state.epoch,
+                    state.batches_in_epoch)
+    else:
+        set_seed(cfg.seed + acc.process_index)  # per-rank dropout streams
+    writer = CheckpointWriter(acc, out_dir, cfg.keep_checkpoints)
+    tracker = MetricsLogger(out_dir, enabled=acc.is_main_process, tensorboard=cfg.tensorboard,
+                            resume_step=state.step if resumed is not None else None)
+    validator = _Validator(cfg) if cfg.validation.dataset else None
+    progress = _progress(cfg, acc, total_steps, state.step)
+
+    step_seconds: list[float] = []
+    step_pairs: list[int] = []
+    window: dict[str, list[float]] = {}
+    last_ckpt: Path | None = None
+    metrics: dict[str, float] = {}
+    model.train()
+    while state.step < total_steps:
+        t0 = time.perf_counter()
+        sums: dict[str, torch.Tensor] = {}
+        pairs = 0
+        for micro in range(cfg.grad_accum):
+            batch, text_vectors = stream.next()
+            batch = batch.to(acc.device)
+            sync = micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(model):
+                with acc.autocast():
+                    out = model(texts=None if text_vectors is not None else batch.captions, pixels=batch.pixels,
+                                features=batch.features, text_vectors=text_vectors)
+                    res = loss_fn(out.image.vectors.float(), out.text.vectors.float(), out.logit_scale.float(),
+                                  state.step)
+                acc.backward(res.loss / cfg.grad_accum)
+            pairs += res.global_batch
+            parts = {"loss": res.global_loss, **{f"loss/{k}": v for k, v in res.terms.items()},
+                     "words/image": _sparsity(out.image.vectors, threshold),
+                     "words/text": _sparsity(out.text.vectors, threshold)}
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.grad_accum
+        grad_norm = None
+        if cfg.optim.grad_clip:
+            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            core.logit_scale.clamp_(0.0, max_log_scale)
+        state.step += 1
+        state.samples_seen += pairs
+        state.epoch, state.batches_in_epoch = stream.epoch, stream.batches_in_epoch
+        step_seconds.append(time.perf_counter() - t0)
+        step_pairs.append(pairs)
+
+        # words/* are per-process means: average them over ranks; the loss terms are global already.
+        for k in ("words/image", "words/text"):
+            sums[k] = acc.reduce(sums[k].reshape(1), reduction="mean")[0]
+        metrics = {k: float(v) for k, v in sums.items()}
+        metrics.update({"temperature": float(1.0 / core.logit_scale.exp()), "pairs": pairs,
+                        "pairs_per_s": pairs / step_seconds[-1], "epoch": state.epoch})
+        metrics.update({f"weight/{k}": w for k, w in res.weights.items() if k != "contrastive"})
+        metrics.update({f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups})
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        for k, v in metrics.items():
+            window.setdefault(k, []).append(v)
+        if cfg.log_every and (state.step % cfg.log_every == 0 or state.step == total_steps):
+            tracker.log(state.step, {k: sum(v) / len(v) for k, v in window.items()})
+            window.clear()
+        progress.update(1)
+        progress.set_postfix(loss=f"{metrics['loss']:.4f}", T=f"{metrics['temperature']:.4f}",
+                             words=f"{metrics['words/image']:.0f}/{metrics['words/text']:.0f}",
+                             pairs_s=f"{metrics['pairs_per_s']:.1f}", refresh=False)
+
+        if validator is not None and cfg.validation.every and state.step % cfg.validation.every == 0:
+            validator.run(acc, core, state.step, tracker)
+            model.train()
+        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+            last_ckpt = writer.save(state.step, model, optimizer, scheduler, _global_state(acc, state, stream))
+    progress.close()
+
+    if validator is not None and (not cfg.validation.every or state.step % cfg.validation.every):
+        validator.run(acc, core, state.step, tracker)
+    if last_ckpt is None or not last_ckpt.name.endswith(f"{state.step:08d}"):
+        last_ckpt = writer.save(state.step, model, optimizer, scheduler, _global_state(acc, state, stream))
+    model_dir = out_dir / "model"
+    if acc.is_main_process:
+        core.save_pretrained(model_dir)
+    skipped = _global_state(acc, state, stream).skipped
+    report = stream.stats.report()
+    if skipped:
+        logger.warning("skipped %d unusable samples during training:\n%s", skipped, report)
+    # The first step of a process pays for warm-up (allocations, lazy inits); leave it out when we can.
+    timed = slice(1, None) if len(step_seconds) > 1 else slice(None)
+    seconds = sum(step_seconds[timed])
+    result = TrainResult(
+        output_dir=str(out_dir), model_dir=str(model_dir), checkpoint=str(last_ckpt), steps=state.step,
+        samples_seen=state.samples_seen, seconds=time.perf_counter() - start_time,
+        pairs_per_second=sum(step_pairs[timed]) / seconds if seconds > 0 else 0.0,
+        final_metrics=metrics, validation=validator.history if validator else [], skipped=skipped,
+        skip_report=report, resumed_from=str(resumed) if resumed else None,
+    )
+    if acc.is_main_process:
+        (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
+    tracker.close()
+    acc.wait_for_everyone()
+    return result
+
+
+def _total_steps(cfg: TrainConfig, stream: TrainStream) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    per_epoch = stream.batches_per_epoch
+    if per_epoch is None:
+        raise ValueError(f"data.source {cfg.data.source!r} streams without end: set steps, not epochs")
+    return max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+
+
+def _global_state(acc: Any, state: TrainerState, stream: TrainStream) -> TrainerState:
+    """The state to save: the skip count summed over processes (the position is rank 0's, and every
+    rank's position is the same unless a rank met a wholly skipped batch)."""
+    skipped = torch.tensor([float(stream.skipped)], device=acc.device)
+    state.skipped = int(acc.reduce(skipped, reduction="sum")[0])
+    return state
+
+
+def _progress(cfg: TrainConfig, acc: Any, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                disable=not (cfg.progress and acc.is_local_main_process))
+
+
+class _Validator:
+    """Zero-shot retrieval on a registered retrieval set with ``lexvla.eval`` (main process only)."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        from ..eval.retrieval import RetrievalConfig
+        from ..eval.retrieval_data import RetrievalDataConfig, load_retrieval_set
+
+        v = cfg.validation
+        try:
+            data_cfg = RetrievalDataConfig(**v.options)
+        except TypeError as err:
+            raise ValueError(f"validation.options: {err}") from None
+        self.data = load_retrieval_set(v.dataset, data_cfg)
+        self.config = RetrievalConfig(sparsification=v.sparsification, batch_size=v.batch_size, cache=False,
+                                      progress=False)
+        self.history: list[dict[str, Any]] = []
+
+    def run(self, acc: Any, model: Any, step: int, tracker: MetricsLogger) -> None:
+        from ..eval.retrieval import evaluate_retrieval
+
+        if acc.is_main_process:
+            model.eval()
+            with torch.no_grad():
+                result = evaluate_retrieval(model, self.data, self.config, model_name=f"step-{step}")
+            metrics = {f"val/i2t_R@{k}": r for k, r in result.image_to_text.recall.items()}
+            metrics.update({f"val/t2i_R@{k}": r for k, r in result.text_to_image.recall.items()})
+            metrics.update({f"val/words_{side}": n for side, n in result.active_words.items()})
+            tracker.log(step, metrics)
+            self.history.append({"step": step, **metrics})
+            logger.info("validation at step %d:\n%s", step, result.table())
+        acc.wait_for_everyone()

@@ -1,0 +1,128 @@
+"""The gathered contrastive loss on 2 gloo processes equals one process holding the global batch.
+
+A small "encoder" (linear maps + elu+1 + normalise, like the mapper) is wrapped in real DDP; each rank
+feeds its share of the batch. Loss value and parameter gradients (after DDP's averaging) must match the
+single-process loss on the whole batch, in both modes (global / local loss) and with unequal shares
+(skipped samples). One ``mp.spawn`` runs every case to keep the test short.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from lexvla.losses import LexVLALoss
+from lexvla.train.distributed import GatheredLexVLALoss, gather
+from torch import nn
+
+V, D = 50, 12
+CASES = [  # (local_loss, rows of rank 0, rows of rank 1, regulariser)
+    (False, 4, 4, "overuse"),
+    (True, 4, 4, "overuse"),
+    (False, 5, 3, "flops"),
+    (True, 3, 5, "overuse"),
+    (True, 4, 4, "none"),
+]
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.img = nn.Linear(D, V)
+        self.txt = nn.Linear(D, V)
+        self.logit_scale = nn.Parameter(torch.tensor(2.5))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        return (F.normalize(F.elu(self.img(x)) + 1, dim=-1), F.normalize(F.elu(self.txt(y)) + 1, dim=-1),
+                self.logit_scale.exp())
+
+
+def _data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, D, generator=g), torch.randn(n, D, generator=g)
+
+
+def _reference(local: bool, n: int, reg: str) -> tuple[float, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    enc = Encoder()
+    x, y = _data(n)
+    img, txt, scale = enc(x, y)
+    out = GatheredLexVLALoss(LexVLALoss(reg, 0.3, 0.2), local_loss=local)(img, txt, scale, step=0)
+    out.loss.backward()
+    return float(out.global_loss), {k: p.grad.clone() for k, p in enc.named_parameters()}
+
+
+def _worker(rank: int, port: int, results: dict) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        for case, (local, n0, n1, reg) in enumerate(CASES):
+            torch.manual_seed(0)
+            enc = nn.parallel.DistributedDataParallel(Encoder())
+            x, y = _data(n0 + n1)
+            rows = slice(0, n0) if rank == 0 else slice(n0, n0 + n1)
+            img, txt, scale = enc(x[rows], y[rows])
+            out = GatheredLexVLALoss(LexVLALoss(reg, 0.3, 0.2), local_loss=local)(img, txt, scale, step=0)
+            out.loss.backward()
+            results[(case, rank)] = (float(out.global_loss), out.global_batch,
+                                     {k.removeprefix("module."): p.grad.clone() for k, p in enc.named_parameters()})
+        # gather keeps this rank's rows differentiable and puts every rank's rows in rank order
+        x = torch.full((rank + 1, 2), float(rank), requires_grad=True)
+        g = gather(x, with_grad=False)
+        g.vectors.sum().backward()
+        results[("gather", rank)] = (g.vectors.detach().clone(), g.offset, x.grad.clone())
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_rank_results() -> dict:
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_worker, args=(_free_port(), results), nprocs=2, join=True)
+    return dict(results)
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_two_processes_match_one(two_rank_results: dict, case: int) -> None:
+    local, n0, n1, reg = CASES[case]
+    ref_loss, ref_grads = _reference(local, n0 + n1, reg)
+    for rank in (0, 1):
+        loss, batch, grads = two_rank_results[(case, rank)]
+        assert batch == n0 + n1
+        assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
+        for name, ref in ref_grads.items():
+            torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-6, msg=f"{name} (case {case})")
+
+
+def test_gather_order_and_local_gradient(two_rank_results: dict) -> None:
+    for rank in (0, 1):
+        vectors, offset, grad = two_rank_results[("gather", rank)]
+        assert torch.equal(vectors, torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
+        assert offset == (0 if rank == 0 else 1)
+        assert torch.equal(grad, torch.ones(rank + 1, 2))
+
+
+def test_single_process_is_the_plain_loss() -> None:
+    """Without torch.distributed the wrapper is exactly the core loss (both modes)."""
+    torch.manual_seed(0)
+    img = F.normalize(torch.rand(6, V), dim=-1)
+    txt = F.normalize(torch.rand(6, V), dim=-1)
+    scale = torch.tensor(10.0)
+    plain = LexVLALoss("overuse", 0.1, 0.1)(img, txt, scale, step=0).loss
+    for local in (False, True):
+        out = GatheredLexVLALoss(LexVLALoss("overuse", 0.1, 0.1), local_loss=local)(img, txt, scale, step=0)
+        assert float(out.loss) == pytest.approx(float(plain), rel=1e-6)
+        assert float(out.global_loss) == pytest.approx(float(plain), rel=1e-6)
