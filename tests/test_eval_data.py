@@ -232,3 +232,43 @@ def test_prompt_names_and_upsampling():
     assert up.shape == (5, 4)
     np.testing.assert_array_equal(up[:, 0], [0, 0, 2, 2, 2])  # pixel centre 2.5/5 falls in the lower patch
     np.testing.assert_array_equal(up[0], [0, 0, 1, 1])
+
+
+def test_coco_panoptic_reader(tmp_path):
+    _img(tmp_path / "img" / "p.jpg", size=(6, 4))
+    ids = np.zeros((4, 6), np.int64)
+    ids[:, :2] = 300  # a thing (dog)
+    ids[:, 2:4] = 70000  # stuff (sky) -> background
+    ids[0, 5] = 5  # a crowd thing -> ignored; id 0 elsewhere in column 4/5 = unlabelled -> ignored
+    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
+    (tmp_path / "pan").mkdir()
+    Image.fromarray(rgb).save(tmp_path / "pan" / "p.png")
+    data = {
+        "images": [{"id": 3, "file_name": "p.jpg", "height": 4, "width": 6}],
+        "categories": [{"id": 18, "name": "dog", "isthing": 1}, {"id": 187, "name": "sky", "isthing": 0}],
+        "annotations": [{"image_id": 3, "file_name": "p.png", "segments_info": [
+            {"id": 300, "category_id": 18, "iscrowd": 0}, {"id": 70000, "category_id": 187, "iscrowd": 0},
+            {"id": 5, "category_id": 18, "iscrowd": 1}]}],
+    }
+    (tmp_path / "pan.json").write_text(json.dumps(data))
+    ds = load_segmentation_set("coco", SegDataConfig(root=tmp_path / "img", annotations=tmp_path / "pan.json"))
+    assert ds.class_names == ["background", "dog"]
+    label = ds.samples[0].load_mask()
+    assert (label[:, :2] == 1).all() and (label[:, 2:4] == 0).all() and (label[:, 4:] == IGNORE).all()
+
+
+def test_easy_vqa_sets_match_on_colour_and_shape():
+    pytest.importorskip("easy_vqa")
+    rs = load_retrieval_set("easy-vqa", RetrievalDataConfig(limit=12))
+    assert len(rs.image_paths) == 12 and len(set(rs.texts)) == len(rs.texts)
+    from lexvla.data.easyvqa import load_easyvqa
+
+    records = load_easyvqa("test").records[:12]
+    for rec, key in zip(records, rs.image_keys):  # positives = captions naming this colour and shape
+        positives = [t for t, k in zip(rs.texts, rs.text_keys) if k == key]
+        assert positives and all(rec.colour in t and rec.shape in t for t in positives)
+        others = [t for t, k in zip(rs.texts, rs.text_keys) if k != key]
+        assert not any(rec.colour in t.split() and rec.shape in t.split() for t in others)
+    ss = load_segmentation_set("easy-vqa", SegDataConfig(split="test", limit=3))
+    assert ss.class_names == ["background", "circle", "rectangle", "triangle"]
+    assert all(len(np.unique(s.load_mask())) == 2 for s in ss.samples)
