@@ -31,12 +31,15 @@ async function api(url, options) {
   return body;
 }
 
+// 3 decimals for ordinary weights, 2 significant digits for tiny ones (random test models)
+const fmt = (v) => (Math.abs(v) >= 0.01 ? v.toFixed(3) : v.toPrecision(2));
+
 function wordList(words, key) {
   const max = Math.max(...words.map((w) => w[key]), 1e-12);
   return el("ul", { class: "words" }, words.map((w) => el("li", { title: `${w.word}: query ${w.query_weight.toFixed(4)} x image ${w.doc_weight.toFixed(4)}` }, [
     el("span", { class: "w", text: w.word }),
     el("span", { class: "bar", style: { width: `${(100 * w[key]) / max}%` } }),
-    el("span", { class: "c", text: w[key].toFixed(3) }),
+    el("span", { class: "c", text: fmt(w[key]) }),
   ])));
 }
 
@@ -45,7 +48,7 @@ function renderResults(data) {
   results.replaceChildren();
   const chips = $("query-words");
   chips.replaceChildren(el("span", { class: "note", text: "query words:" }),
-    ...data.query_words.slice(0, 12).map((w) => el("span", { class: "chip", text: `${w.word} ${w.weight.toFixed(3)}` })));
+    ...data.query_words.slice(0, 12).map((w) => el("span", { class: "chip", text: `${w.word} ${fmt(w.weight)}` })));
   chips.hidden = data.query_words.length === 0;
   for (const hit of data.hits) {
     const tile = el("div", { class: "tile", tabindex: "0", "data-id": hit.id, title: "click for the explanation" }, [
@@ -56,6 +59,8 @@ function renderResults(data) {
           el("span", { class: "score", text: hit.score.toFixed(4) }),
         ]),
         wordList(hit.words, "contribution"),
+        el("div", { class: "more note", text: hit.n_shared_words > hit.words.length
+          ? `top ${hit.words.length} of ${hit.n_shared_words} shared words` : `${hit.n_shared_words} shared words` }),
       ]),
     ]);
     tile.addEventListener("click", () => openDetail(hit.id));
