@@ -1,0 +1,127 @@
+"""``lexvla data``: build the easy-vqa set, check a pair source, precompute backbone features."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _out(line: str) -> None:
+    sys.stdout.write(line + "\n")
+
+
+def add_source_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments naming one pair source (shared by the data commands; a trainer may reuse them)."""
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--manifest", help="JSONL/CSV/TSV manifest of image paths and captions")
+    g.add_argument("--shards", help="WebDataset tar shards, e.g. 'cc12m/{00000..01242}.tar'")
+    g.add_argument("--hf", help="a Hugging Face dataset folder (datasets.save_to_disk)")
+    g.add_argument("--easyvqa", choices=("train", "val", "test"), help="an easy-vqa split")
+    p.add_argument("--image-root", help="folder that manifest/HF image paths are relative to")
+    p.add_argument("--image-key", default="image", help="image field/column")
+    p.add_argument("--caption-key", default="caption", help="caption field/column")
+    p.add_argument("--id-key", default=None, help="unique pair id field/column (default: numbered per image)")
+
+
+def source_from_args(args: argparse.Namespace) -> Any:
+    from lexvla.data.easyvqa import load_easyvqa
+    from lexvla.data.sources import HFDatasetSource, ManifestSource, TarShardSource
+
+    if args.manifest:
+        return ManifestSource(args.manifest, args.image_root, args.image_key, args.caption_key, args.id_key)
+    if args.shards:
+        return TarShardSource(args.shards, rank=0, world_size=1)
+    if args.hf:
+        return HFDatasetSource(args.hf, args.image_key, args.caption_key, args.id_key, args.image_root,
+                               name=Path(args.hf).name)
+    return load_easyvqa(args.easyvqa, caption_mode="all")
+
+
+def _easyvqa(args: argparse.Namespace) -> int:
+    from lexvla.data.easyvqa import EasyVQAConfig, load_easyvqa, write_masks
+
+    config = EasyVQAConfig(val_fraction=args.val_fraction, pixel_fallback=args.pixel_fallback)
+    splits = ("train", "val", "test") if args.split == "all" else (args.split,)
+    summary = {}
+    for split in splits:
+        ds = load_easyvqa(split, config)
+        _out(f"{split}: {len(ds.records)} images, {len(ds)} pairs  [{ds.recovery.summary()}]")
+        summary[split] = {"images": len(ds.records), "pairs": len(ds), "recovery": {
+            "total": ds.recovery.total, "kept": ds.recovery.kept, "by_elimination": ds.recovery.by_elimination,
+            "from_pixels": ds.recovery.from_pixels, "dropped": dict(ds.recovery.dropped)}}
+        if args.out:
+            out = Path(args.out) / split
+            export = write_masks(ds, out / "masks", label=args.mask_label)
+            rows = [{"id": r.key, "image": r.path, "caption": list(r.captions), "colour": r.colour,
+                     "shape": r.shape, "mask": str(export.folder / f"{r.key}.png")} for r in ds.records]
+            (out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            _out(f"  wrote {out / 'pairs.jsonl'} and {export.count} masks ({', '.join(export.class_names)})")
+    if args.out:
+        (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from lexvla.data.sources import Pair
+
+    source = source_from_args(args)
+    t0, n = time.perf_counter(), 0
+    for item in source:
+        n += isinstance(item, Pair)
+        if args.limit and n >= args.limit:
+            break
+    stats = source.stats
+    _out(stats.report())
+    _out(f"{n} usable pairs decoded in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    import torch
+
+    from lexvla.data.cache import build_feature_cache, module_fingerprint
+    from lexvla.models import get_config
+    from lexvla.models.backbones import create_backbone
+
+    source = source_from_args(args)
+    torch.manual_seed(args.seed)  # a randomly initialised backbone (a control) must be the same every run
+    backbone = create_backbone(get_config(args.model).backbone).eval()
+    t0 = time.perf_counter()
+    res = build_feature_cache(args.out, source, backbone, backbone.preprocess, backbone=module_fingerprint(backbone),
+                              preprocessing=repr(backbone.preprocess), dtype=args.dtype, batch_size=args.batch_size)
+    _out(f"{res.store.folder}: {len(res.store)} images x {res.store.row_shape} ({res.store.key.dtype}); "
+         f"computed {res.computed_rows}, reused {res.reused_rows}, {time.perf_counter() - t0:.1f}s")
+    if res.skips.skipped:
+        _out(res.skips.report())
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    data = subparsers.add_parser("data", help="datasets: easy-vqa, source checks, feature caches")
+    sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+
+    p = sub.add_parser("easyvqa", help="recover easy-vqa labels; optionally write masks and a manifest")
+    p.add_argument("--split", default="all", choices=("train", "val", "test", "all"))
+    p.add_argument("--out", help="folder for <split>/pairs.jsonl and <split>/masks/")
+    p.add_argument("--mask-label", default="shape", choices=("shape", "colour", "colour_shape"))
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--pixel-fallback", action="store_true", help="label what the questions leave open from pixels")
+    p.set_defaults(func=_easyvqa)
+
+    p = sub.add_parser("check", help="read every sample of a source and report what would be skipped")
+    add_source_arguments(p)
+    p.add_argument("--limit", type=int, default=0, help="stop after this many usable pairs (0 = all)")
+    p.set_defaults(func=_check)
+
+    p = sub.add_parser("cache", help="precompute a model's frozen backbone features for a source")
+    add_source_arguments(p)
+    p.add_argument("--model", default="lexvla-embedded", help="zoo name whose backbone to run")
+    p.add_argument("--out", required=True, help="cache root folder")
+    p.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="torch seed before building a random-init backbone")
+    p.set_defaults(func=_cache)
