@@ -220,3 +220,13 @@ def test_web_config_is_validated():
     with pytest.raises(ValueError, match="upload_formats"):
         WebConfig(upload_formats=("SVG",))
     assert json.loads(json.dumps(WebConfig().__dict__))  # plain values only
+
+
+def test_page_headers_and_host_check_against_dns_rebinding(service, client):
+    page = client.get("/")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff"
+    with TestClient(create_app(service, allowed_hosts=["127.0.0.1", "localhost"]), base_url="http://127.0.0.1") as c:
+        assert c.get("/api/info").status_code == 200
+        assert c.get("/api/info", headers={"host": "evil.example:8000"}).status_code == 400
+        assert c.get("/api/search", params={"q": "dog"}, headers={"host": "rebind.attacker.test"}).status_code == 400

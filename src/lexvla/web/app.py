@@ -13,6 +13,7 @@ from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from .service import NotFound, SearchResult, SearchService, UploadError, decode_upload
 
@@ -112,8 +113,16 @@ def _ww(pairs) -> list[WordWeight]:
     return [WordWeight(word=w, weight=s) for w, s in pairs]
 
 
-def create_app(service: SearchService) -> FastAPI:
-    """The web app over a :class:`SearchService`."""
+# The page loads only its own script, style and images (the API returns JSON rendered as text).
+PAGE_CSP = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+
+
+def create_app(service: SearchService, allowed_hosts: list[str] | None = None) -> FastAPI:
+    """The web app over a :class:`SearchService`.
+
+    ``allowed_hosts``: accepted ``Host`` headers (``lexvla serve`` passes the loopback names when bound to
+    loopback, which stops DNS-rebinding pages from reaching the app); None accepts any.
+    """
     app = FastAPI(title="lexvla", version="0.1.0", openapi_url=f"{API}/openapi.json", docs_url=f"{API}/docs",
                   redoc_url=None,
                   description="Explainable lexical image search: every hit lists the words it shares with "
@@ -214,7 +223,10 @@ def create_app(service: SearchService) -> FastAPI:
 
     @app.get("/", include_in_schema=False)
     def page() -> Response:
-        return Response(index_html, media_type="text/html; charset=utf-8")
+        return Response(index_html, media_type="text/html; charset=utf-8",
+                        headers={"Content-Security-Policy": PAGE_CSP})
 
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     return app

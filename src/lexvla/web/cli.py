@@ -29,7 +29,9 @@ def _serve(args: argparse.Namespace) -> int:
     model = create_model(args.model).eval()
     config = WebConfig(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
     service = SearchService(model, index, config, model_name=str(args.model))
-    app = create_app(service)
+    # Bound to loopback: accept only loopback Host headers (no DNS rebinding from a web page).
+    hosts = ["127.0.0.1", "localhost", "[::1]", "::1"] if args.host in LOOPBACK else None
+    app = create_app(service, allowed_hosts=hosts)
     print(f"lexvla: serving {args.index} ({service.n_items()} images) at http://{args.host}:{args.port}/ "
           f"(API docs at /api/docs); Ctrl-C stops")
     try:
