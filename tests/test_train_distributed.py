@@ -16,9 +16,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch import nn
+
 from lexvla.losses import LexVLALoss
 from lexvla.train.distributed import GatheredLexVLALoss, gather
-from torch import nn
 
 V, D = 50, 12
 CASES = [  # (local_loss, rows of rank 0, rows of rank 1, regulariser)

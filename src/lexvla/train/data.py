@@ -137,6 +137,7 @@ class TrainStream:
     def __init__(self, cfg: DataSection, model: Any, accelerator: Any, seed: int, log_dir: str | None = None) -> None:
         self.cfg = cfg
         self.acc = accelerator
+        self.seed = seed
         world, rank = accelerator.num_processes, accelerator.process_index
         if cfg.batch_size % world:
             raise ValueError(f"data.batch_size {cfg.batch_size} (the global batch) must be divisible by the "
@@ -213,12 +214,16 @@ class TrainStream:
         self._it = None
         if self.iterable:
             self.source.set_epoch(epoch)
+            self.loader.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             it = iter(self.loader)
             for _ in range(batches_in_epoch):  # a stream cannot jump: read and drop what was consumed
                 next(it)
             self._it = it
 
     def _start_epoch(self) -> Iterator[Batch]:
+        # Every new DataLoader iterator draws its workers' base seed; from a generator of its own (seeded
+        # by epoch) it neither shifts the training RNG stream nor depends on when a resumed run starts.
+        self.loader.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         if self.iterable:
             self.source.set_epoch(self.epoch)
         else:

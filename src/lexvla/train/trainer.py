@@ -191,7 +191,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None) -> TrainResult:
         for k in ("words/image", "words/text"):
             sums[k] = acc.reduce(sums[k].reshape(1), reduction="mean")[0]
         metrics = {k: float(v) for k, v in sums.items()}
-        metrics.update({"temperature": float(1.0 / core.logit_scale.exp()), "pairs": pairs,
+        metrics.update({"temperature": float(1.0 / core.logit_scale.detach().exp()), "pairs": pairs,
                         "pairs_per_s": pairs / step_seconds[-1], "epoch": state.epoch})
         metrics.update({f"weight/{k}": w for k, w in res.weights.items() if k != "contrastive"})
         metrics.update({f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups})
