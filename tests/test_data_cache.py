@@ -166,3 +166,22 @@ def test_cache_key_and_module_fingerprint():
     with torch.no_grad():
         a.weight[0, 0] += 1
     assert module_fingerprint(a) != fp
+
+
+def test_cached_features_feed_the_model_like_raw_pixels(tmp_path, tiny_model):
+    """easy-vqa -> feature cache with the model's own backbone -> batches -> same lexical vectors."""
+    pytest.importorskip("easy_vqa")
+    from lexvla.data import load_easyvqa
+
+    ds = load_easyvqa("test", caption_mode="first")
+    ds.records, ds._index = ds.records[:6], ds._index[:6]
+    res = build_feature_cache(tmp_path, ds, tiny_model.image_features, tiny_model.preprocess,
+                              backbone=module_fingerprint(tiny_model.backbone),
+                              preprocessing=repr(tiny_model.preprocess), dtype="float32")
+    cached = next(iter(build_dataloader(CachedPairDataset(res.store), batch_size=6, shuffle=False)))
+    raw = next(iter(build_dataloader(ds, batch_size=6, preprocess=tiny_model.preprocess, shuffle=False)))
+    assert cached.ids == raw.ids and cached.captions == raw.captions
+    with torch.no_grad():
+        a = tiny_model.encode_image_features(cached.features).vectors
+        b = tiny_model.encode_image(raw.pixels).vectors
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -459,5 +459,5 @@ class CachedPairDataset:
 
     def __getitem__(self, index: int) -> CachedPair:
         r = self.records[index]
-        feats = torch.from_numpy(np.asarray(self.store.get(r.image_id), dtype=np.float32))
+        feats = torch.from_numpy(np.array(self.store.get(r.image_id), dtype=np.float32))  # a copy: memmaps are read-only
         return CachedPair(features=feats, caption=r.caption, id=r.id, image_id=r.image_id)
