@@ -1,0 +1,231 @@
+"""Encode an image collection (and optionally captions) with a model into a :class:`SparseIndex`.
+
+Resumable: each batch is committed as one shard (see store.py), items already in the index are
+skipped on a re-run, so a crash or Ctrl-C loses at most the batch in flight. Unreadable images are
+skipped, counted and listed in the report (and retried on the next run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lexvla.index.core import ModelRecord, SparseIndex, SparsifySettings
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    id: str
+    path: Path
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CaptionItem:
+    id: str
+    text: str
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SkippedItem:
+    id: str
+    path: str
+    reason: str
+
+
+@dataclass
+class BuildReport:
+    """What a (possibly resumed) build did."""
+
+    out: str
+    images_added: int = 0
+    images_already_indexed: int = 0
+    captions_added: int = 0
+    captions_already_indexed: int = 0
+    skipped: list[SkippedItem] = field(default_factory=list)
+    seconds: float = 0.0
+    backend: str = "exact"
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.skipped)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+    return rows
+
+
+def collect_images(images: str | Path | Sequence[str | Path]) -> list[ImageItem]:
+    """Images to index from a folder (recursive; ids = relative paths), a manifest or a list of paths.
+
+    Manifests: ``.txt`` with one path per line, or ``.jsonl`` with ``{"path": ..., "id": ...(optional),
+    ...metadata}`` per line; relative paths are relative to the manifest's folder.
+    """
+    if isinstance(images, (str, Path)):
+        src = Path(images).expanduser()
+        if src.is_dir():
+            files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            return [ImageItem(p.relative_to(src).as_posix(), p.resolve()) for p in files]
+        if not src.is_file():
+            raise FileNotFoundError(f"--images {src}: no such folder or manifest file")
+        if src.suffix.lower() in IMAGE_SUFFIXES:
+            return [ImageItem(src.name, src.resolve())]
+        base = src.parent
+        if src.suffix.lower() == ".jsonl":
+            items = []
+            for row in _read_jsonl(src):
+                if "path" not in row:
+                    raise ValueError(f"{src}: every line needs a 'path' field, got {sorted(row)}")
+                p = Path(row["path"])
+                meta = {k: v for k, v in row.items() if k not in ("path", "id")}
+                items.append(ImageItem(str(row.get("id", row["path"])), (base / p).resolve(), meta))
+            return _unique(items, src)
+        lines = [ln.strip() for ln in src.read_text(encoding="utf-8").splitlines()]
+        return _unique([ImageItem(ln, (base / ln).resolve()) for ln in lines if ln and not ln.startswith("#")], src)
+    return _unique([ImageItem(str(p), Path(p).expanduser().resolve()) for p in images], "the image list")
+
+
+def read_captions(captions: str | Path | Sequence[str]) -> list[CaptionItem]:
+    """Captions from a ``.txt`` (one a line; ids ``<file stem>:<line>``), a ``.jsonl`` (``{"text": ...,
+    "id": ...(optional), ...metadata}``) or a list of strings (ids ``caption:<i>``)."""
+    if isinstance(captions, (str, Path)):
+        src = Path(captions).expanduser()
+        if not src.is_file():
+            raise FileNotFoundError(f"--captions {src}: no such file")
+        if src.suffix.lower() == ".jsonl":
+            items = []
+            for n, row in enumerate(_read_jsonl(src)):
+                text = row.get("text", row.get("caption"))
+                if not isinstance(text, str) or not text.strip():
+                    raise ValueError(f"{src}: line {n + 1} needs a non-empty 'text' (or 'caption') field")
+                meta = {k: v for k, v in row.items() if k not in ("text", "caption", "id")}
+                items.append(CaptionItem(str(row.get("id", f"{src.stem}:{n + 1}")), text, meta))
+            return _unique(items, src)
+        lines = src.read_text(encoding="utf-8").splitlines()
+        return [CaptionItem(f"{src.stem}:{n}", ln.strip()) for n, ln in enumerate(lines, start=1) if ln.strip()]
+    return [CaptionItem(f"caption:{i}", str(t)) for i, t in enumerate(captions)]
+
+
+def _unique(items: list, source: Any) -> list:
+    seen: set[str] = set()
+    for it in items:
+        if it.id in seen:
+            raise ValueError(f"{source}: id {it.id!r} appears twice")
+        seen.add(it.id)
+    return items
+
+
+def _default_sparsify(model: Any, threshold: float | str | None, topk: int | None) -> SparsifySettings:
+    if threshold == "auto":
+        # The model's own default (1/sqrt(V) unless its config says otherwise) and its top-k.
+        mapper = getattr(model, "mapper", None)
+        threshold = (mapper.default_threshold(len(model.vocab)) if mapper is not None
+                     else model.vocab.threshold)
+        if topk is None:
+            topk = getattr(getattr(getattr(model, "config", None), "mapper", None), "topk", None)
+    return SparsifySettings(None if threshold is None else float(threshold), topk)
+
+
+ProgressCallback = Callable[[str, int, int], None]
+
+
+def build_index(model: Any, images: str | Path | Sequence[str | Path] | None = None,
+                out: str | Path = "index", backend: str = "exact", batch_size: int = 32,
+                captions: str | Path | Sequence[str] | None = None, threshold: float | str | None = "auto",
+                topk: int | None = None, backend_options: dict | None = None, progress: bool = True,
+                on_batch: ProgressCallback | None = None, sync: bool = True) -> BuildReport:
+    """Encode ``images`` (folder, manifest or paths) and ``captions`` into the index at ``out``.
+
+    Re-running with the same ``out`` continues an interrupted build (the index's model must match).
+    ``threshold``/``topk``: document sparsification ("auto": the model's default); a resumed build keeps
+    the settings it started with. ``on_batch(collection, done, total)`` is called after each committed
+    batch. ``sync``: build the backend's structures at the end (Seismic index, Milvus inserts).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if images is None and captions is None:
+        raise ValueError("nothing to index: give images and/or captions")
+    import torch
+    from tqdm.auto import tqdm
+
+    import lexvla
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    if (out / "index.json").is_file():
+        index = SparseIndex.open(out, backend, backend_options)
+        index.check_model(model)
+        logger.info("resuming the index at %s", out)
+    else:
+        index = SparseIndex.create(out, model.vocab, ModelRecord.from_model(model),
+                                   _default_sparsify(model, threshold, topk), backend, backend_options)
+    report = BuildReport(str(out), backend=index.backend_name)
+    try:
+        if images is not None:
+            items = collect_images(images)
+            done = index.store("images").live_ids()
+            todo = [it for it in items if it.id not in done]
+            report.images_already_indexed = len(items) - len(todo)
+            bar = tqdm(total=len(todo), desc="images", unit="img", disable=not progress)
+            for start in range(0, len(todo), batch_size):
+                batch, pil = [], []
+                for it in todo[start:start + batch_size]:
+                    try:
+                        pil.append(lexvla.load_image(it.path))
+                        batch.append(it)
+                    except (lexvla.ImageLoadError, OSError) as err:
+                        report.skipped.append(SkippedItem(it.id, str(it.path), str(err)))
+                        logger.warning("skipping %s: %s", it.path, err)
+                if batch:
+                    with torch.no_grad():
+                        vectors = model.encode_image(pil).vectors
+                    index.add(vectors, [{"id": it.id, "path": str(it.path), **it.meta} for it in batch], "images")
+                    report.images_added += len(batch)
+                bar.update(min(batch_size, len(todo) - start))
+                if on_batch is not None:
+                    on_batch("images", min(start + batch_size, len(todo)), len(todo))
+            bar.close()
+        if captions is not None:
+            items = read_captions(captions)
+            done = index.store("texts").live_ids()
+            todo = [it for it in items if it.id not in done]
+            report.captions_already_indexed = len(items) - len(todo)
+            bar = tqdm(total=len(todo), desc="captions", unit="text", disable=not progress)
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start:start + batch_size]
+                with torch.no_grad():
+                    vectors = model.encode_text([it.text for it in batch]).vectors
+                index.add(vectors, [{"id": it.id, "text": it.text, **it.meta} for it in batch], "texts")
+                report.captions_added += len(batch)
+                bar.update(len(batch))
+                if on_batch is not None:
+                    on_batch("texts", min(start + batch_size, len(todo)), len(todo))
+            bar.close()
+        if sync:
+            index.sync()
+    except KeyboardInterrupt:
+        logger.warning("interrupted: every finished batch is saved in %s; run the same command to continue", out)
+        raise
+    finally:
+        index.close()
+    report.seconds = time.perf_counter() - t0
+    if report.skipped:
+        logger.warning("%d unreadable image(s) skipped (first: %s)", report.n_skipped, report.skipped[0].path)
+    return report

@@ -1,0 +1,346 @@
+"""A sparse lexical index: collections of stored vectors + a search backend + explanations.
+
+Layout of an index folder::
+
+    index.json      the model and vocabulary it was built with, sparsification, default backend
+    vocab.json      the lexical vocabulary (dimension -> word)
+    images/         a VectorStore (see store.py) plus the backends' files for that collection
+    texts/          the same for captions (image -> text search)
+    milvus.db       Milvus Lite's file, when the milvus backend runs locally
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from lexvla.index.backends import SearchBackend, create_backend
+from lexvla.index.explain import Hit, explain_rows
+from lexvla.index.store import VectorStore, atomic_write_text
+from lexvla.vocab import Vocabulary
+
+logger = logging.getLogger(__name__)
+
+INDEX_FORMAT = 1
+INDEX_FILE = "index.json"
+VOCAB_FILE = "vocab.json"
+COLLECTIONS = ("images", "texts")
+
+
+class ModelMismatchError(ValueError):
+    """Query vectors come from a different model or vocabulary than the index was built with."""
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """Which model produced an index's vectors (compared on every model-based query)."""
+
+    name: str
+    fingerprint: str
+    vocab_fingerprint: str
+    dim: int
+
+    @classmethod
+    def from_model(cls, model: Any) -> ModelRecord:
+        config = getattr(model, "config", None)
+        name = getattr(config, "name", None) or type(model).__name__
+        return cls(str(name), str(model.fingerprint()), model.vocab.fingerprint(), len(model.vocab))
+
+
+@dataclass
+class SparsifySettings:
+    """How vectors are sparsified before storing (docs) and before searching (queries).
+
+    threshold: keep weights > threshold (None: no threshold). topk: keep at most this many words.
+    Queries default to the documents' settings so both sides match the same way.
+    """
+
+    threshold: float | None = None
+    topk: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.threshold is not None and self.threshold < 0:
+            raise ValueError(f"sparsify threshold must be >= 0, got {self.threshold}")
+        if self.topk is not None and self.topk < 1:
+            raise ValueError(f"sparsify topk must be >= 1, got {self.topk}")
+
+    def apply(self, m: sp.csr_matrix) -> sp.csr_matrix:
+        """Sparsify CSR rows in place of a copy (ties at the k-th weight keep the lower dimension)."""
+        m = sp.csr_matrix(m, dtype=np.float32, copy=True)
+        if self.threshold is not None:
+            m.data[m.data <= self.threshold] = 0
+            m.eliminate_zeros()
+        if self.topk is not None:
+            for i in range(m.shape[0]):
+                s, e = m.indptr[i], m.indptr[i + 1]
+                if e - s > self.topk:
+                    vals = m.data[s:e]
+                    drop = np.lexsort((m.indices[s:e], -vals))[self.topk:]
+                    vals[drop] = 0
+            m.eliminate_zeros()
+        return m
+
+
+@dataclass
+class IndexInfo:
+    """What ``lexvla index info`` prints."""
+
+    path: str
+    model: ModelRecord
+    sparsify: SparsifySettings
+    backend: str
+    collections: dict[str, dict] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def to_csr(vectors: Any, dim: int, what: str = "vectors") -> sp.csr_matrix:
+    """Sparse/dense numpy/torch/LexicalOutput input -> (N, dim) float32 CSR with sorted indices."""
+    vectors = getattr(vectors, "vectors", vectors)  # LexicalOutput
+    if hasattr(vectors, "detach"):  # torch tensor (dense or sparse)
+        t = vectors.detach().cpu()
+        vectors = t.to_dense().float().numpy() if t.is_sparse else t.float().numpy()
+    if sp.issparse(vectors):
+        m = sp.csr_matrix(vectors, dtype=np.float32)
+    else:
+        arr = np.asarray(vectors, dtype=np.float32)
+        if arr.ndim == 1:
+            arr = arr[None, :]
+        if arr.ndim != 2:
+            raise ValueError(f"{what} must be 1-D or 2-D, got shape {arr.shape}")
+        m = sp.csr_matrix(arr)
+    if m.shape[1] != dim:
+        raise ValueError(f"{what} have {m.shape[1]} dimensions but the index vocabulary has {dim} words")
+    if m.nnz and not np.all(np.isfinite(m.data)):
+        raise ValueError(f"{what} contain NaN or infinite weights")
+    m.sum_duplicates()
+    m.eliminate_zeros()
+    m.sort_indices()
+    return m
+
+
+class SparseIndex:
+    """Stored lexical vectors with ids/metadata, searchable with any registered backend.
+
+    Create with :meth:`create` (or :func:`lexvla.index.build_index` from a model), open with :meth:`open`.
+    """
+
+    def __init__(self, path: Path, meta: dict, vocab: Vocabulary, backend: str | None = None,
+                 backend_options: dict | None = None) -> None:
+        self.path = path
+        self.meta = meta
+        self.vocab = vocab
+        self.model_record = ModelRecord(**meta["model"])
+        self.sparsify_settings = SparsifySettings(**meta["sparsify"])
+        self.backend_name = backend or meta.get("backend", "exact")
+        options = dict(meta.get("backend_options", {}).get(self.backend_name, {}))
+        options.update({k: v for k, v in (backend_options or {}).items() if v is not None})
+        self.backend_options = options
+        self._stores: dict[str, VectorStore] = {}
+        self._backends: dict[str, SearchBackend] = {}
+        self._synced: dict[str, int] = {}
+
+    # -- creating and opening --------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, vocab: Vocabulary, model: ModelRecord,
+               sparsify: SparsifySettings | None = None, backend: str = "exact",
+               backend_options: dict | None = None) -> SparseIndex:
+        """A new empty index at ``path`` (refuses a folder that already holds one)."""
+        path = Path(path)
+        if (path / INDEX_FILE).exists():
+            raise FileExistsError(f"{path} already holds an index; open it or choose another --out")
+        if model.dim != len(vocab) or model.vocab_fingerprint != vocab.fingerprint():
+            raise ValueError("the model record does not describe this vocabulary")
+        from lexvla.index.backends import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown search backend {backend!r}; available: {', '.join(sorted(BACKENDS))}")
+        path.mkdir(parents=True, exist_ok=True)
+        vocab.save(path / VOCAB_FILE)
+        saved_options = {k: v for k, v in (backend_options or {}).items() if k != "token" and v is not None}
+        meta = {"format": INDEX_FORMAT, "uid": uuid.uuid4().hex[:12], "model": asdict(model),
+                "sparsify": asdict(sparsify or SparsifySettings()), "backend": backend,
+                "backend_options": {backend: saved_options}}
+        atomic_write_text(path / INDEX_FILE, json.dumps(meta, indent=1))
+        return cls(path, meta, vocab, backend, backend_options)
+
+    @classmethod
+    def open(cls, path: str | Path, backend: str | None = None, backend_options: dict | None = None
+             ) -> SparseIndex:
+        """Open an index; ``backend`` defaults to the one it was built with."""
+        path = Path(path)
+        if not (path / INDEX_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not a lexvla index (no {INDEX_FILE}); build one with "
+                                    "`lexvla index build`")
+        meta = json.loads((path / INDEX_FILE).read_text())
+        if meta.get("format") != INDEX_FORMAT:
+            raise ValueError(f"{path}: unsupported index format {meta.get('format')!r}")
+        vocab = Vocabulary.load(path / VOCAB_FILE)
+        if vocab.fingerprint() != meta["model"]["vocab_fingerprint"]:
+            raise ValueError(f"{path / VOCAB_FILE} does not match the vocabulary recorded in {INDEX_FILE}")
+        return cls(path, meta, vocab, backend, backend_options)
+
+    def close(self) -> None:
+        for b in self._backends.values():
+            b.close()
+        self._backends.clear()
+        self._synced.clear()
+
+    def __enter__(self) -> SparseIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- parts -------------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return len(self.vocab)
+
+    def store(self, collection: str = "images") -> VectorStore:
+        if collection not in COLLECTIONS:
+            raise ValueError(f"unknown collection {collection!r}; an index holds {COLLECTIONS}")
+        if collection not in self._stores:
+            self._stores[collection] = VectorStore.open_or_create(self.path / collection, self.dim)
+        return self._stores[collection]
+
+    def has_collection(self, collection: str) -> bool:
+        return (self.path / collection / "manifest.json").is_file() and self.store(collection).n_alive > 0
+
+    def backend(self, collection: str = "images") -> SearchBackend:
+        """The search backend of a collection, synced with its store."""
+        if collection not in self._backends:
+            options = dict(self.backend_options)
+            if self.backend_name == "milvus":
+                options.setdefault("collection", f"lexvla_{self.meta['uid']}_{collection}")
+            self._backends[collection] = create_backend(self.backend_name, self.store(collection), options)
+        backend = self._backends[collection]
+        store = self.store(collection)
+        if self._synced.get(collection) != store.generation:  # skip the check on every query
+            backend.sync()
+            self._synced[collection] = store.generation
+        return backend
+
+    def sync(self) -> None:
+        """Bring every collection's backend up to date (e.g. build the Seismic index now, not at query time)."""
+        for c in COLLECTIONS:
+            if (self.path / c / "manifest.json").is_file():
+                self.backend(c)
+
+    # -- model checks ---------------------------------------------------------------------------------
+    def check_model(self, model: Any) -> None:
+        """Raise :class:`ModelMismatchError` unless ``model`` is the one this index was built with."""
+        self.check_fingerprint(str(model.fingerprint()), model.vocab.fingerprint(),
+                               getattr(getattr(model, "config", None), "name", type(model).__name__))
+
+    def check_fingerprint(self, fingerprint: str, vocab_fingerprint: str | None = None, name: str = "?") -> None:
+        rec = self.model_record
+        if vocab_fingerprint is not None and vocab_fingerprint != rec.vocab_fingerprint:
+            raise ModelMismatchError(
+                f"index {self.path} was built with vocabulary {rec.vocab_fingerprint} (model {rec.name!r}), "
+                f"but the query model {name!r} uses vocabulary {vocab_fingerprint}: its word dimensions "
+                "mean different words. Search with the index's model or rebuild the index.")
+        if fingerprint != rec.fingerprint:
+            raise ModelMismatchError(
+                f"index {self.path} was built with model {rec.name!r} (fingerprint {rec.fingerprint}), "
+                f"but the query comes from model {name!r} (fingerprint {fingerprint}). Lexical vectors of "
+                "different models are not comparable: search with the index's model or rebuild the index.")
+
+    # -- writing ------------------------------------------------------------------------------------------
+    def add(self, vectors: Any, items: Sequence[dict | str], collection: str = "images") -> range:
+        """Append vectors (sparsified with the index's settings) with ids or ``{"id": ..., ...}`` items."""
+        items = [{"id": it} if isinstance(it, str) else dict(it) for it in items]
+        m = self.sparsify_settings.apply(to_csr(vectors, self.dim))
+        return self.store(collection).append(m, items)
+
+    def delete(self, ids: Sequence[str], collection: str = "images") -> list[int]:
+        return self.store(collection).delete(ids)
+
+    # -- searching --------------------------------------------------------------------------------------
+    def prepare_queries(self, vectors: Any, threshold: float | None = None, topk: int | None = None
+                        ) -> sp.csr_matrix:
+        """Query vectors -> CSR sparsified like the documents unless ``threshold``/``topk`` override."""
+        s = self.sparsify_settings
+        settings = SparsifySettings(s.threshold if threshold is None else threshold, s.topk if topk is None else topk)
+        return settings.apply(to_csr(vectors, self.dim, "query vectors"))
+
+    def search_vectors(self, queries: Any, k: int = 10, collection: str = "images",
+                       fingerprint: str | None = None, threshold: float | None = None,
+                       topk: int | None = None) -> list[list[Hit]]:
+        """Top-``k`` explained hits per query vector.
+
+        ``fingerprint``: the model fingerprint of the queries, checked against the index when given.
+        Hits are re-scored exactly from the stored vectors (the backend only proposes rows), so a hit's
+        score equals the sum of its explanation's contributions.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if fingerprint is not None:
+            self.check_fingerprint(fingerprint)
+        q = self.prepare_queries(queries, threshold, topk)
+        store = self.store(collection)
+        if store.n_alive == 0:
+            return [[] for _ in range(q.shape[0])]
+        candidates = self.backend(collection).search(q, k)
+        matrix, items = store.matrix(), store.items()
+        results = []
+        for i, cand in enumerate(candidates):
+            rows = cand.rows
+            if len(rows) == 0:
+                results.append([])
+                continue
+            explanations = explain_rows(q[i], sp.csr_matrix(matrix[rows]), self.vocab.words)
+            scored = sorted(zip(rows.tolist(), explanations), key=lambda re: (-re[1].total, re[0]))
+            hits = []
+            for rank, (row, expl) in enumerate(scored, start=1):
+                item = items[row]
+                meta = {key: v for key, v in item.items() if key != "id"}
+                hits.append(Hit(rank, item["id"], expl.total, row, meta, expl))
+            results.append(hits)
+        return results
+
+    def search_text(self, model: Any, texts: str | Sequence[str], k: int = 10, collection: str = "images",
+                    **query_settings: Any) -> list[list[Hit]]:
+        """Text query -> images (or texts): encodes with ``model`` after checking it is the index's model."""
+        import torch
+
+        self.check_model(model)
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        with torch.no_grad():
+            out = model.encode_text(texts)
+        return self.search_vectors(out, k, collection, **query_settings)
+
+    def search_image(self, model: Any, images: Any, k: int = 10, collection: str = "images",
+                     **query_settings: Any) -> list[list[Hit]]:
+        """Image query (paths or PIL images) -> images, or -> captions with ``collection="texts"``."""
+        import torch
+
+        import lexvla
+
+        self.check_model(model)
+        images = [images] if isinstance(images, (str, Path)) or hasattr(images, "mode") else list(images)
+        pil = [lexvla.load_image(im) if isinstance(im, (str, Path)) else im for im in images]
+        with torch.no_grad():
+            out = model.encode_image(pil)
+        return self.search_vectors(out, k, collection, **query_settings)
+
+    # -- reporting ---------------------------------------------------------------------------------------
+    def info(self) -> IndexInfo:
+        cols = {}
+        for c in COLLECTIONS:
+            if not (self.path / c / "manifest.json").is_file():
+                continue
+            st = self.store(c)
+            cols[c] = {"items": st.n_alive, "deleted": len(st.manifest.deleted), "shards": len(st.manifest.shards),
+                       "nnz": st.manifest.nnz, "avg_active_words": st.manifest.nnz / max(st.n_rows, 1),
+                       "store_bytes": st.disk_bytes()}
+        return IndexInfo(str(self.path), self.model_record, self.sparsify_settings, self.backend_name, cols)

@@ -1,0 +1,248 @@
+"""Sparse index on raw vectors: every backend against a dense torch reference, explanations, add/delete,
+model refusal, crash safety of the store. Backends run for real (Seismic, Milvus Lite)."""
+
+from __future__ import annotations
+
+import json
+import mmap
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from lexvla.index import (
+    ModelMismatchError,
+    ModelRecord,
+    SparseIndex,
+    SparsifySettings,
+    VectorStore,
+    list_backends,
+)
+from lexvla.vocab import Vocabulary
+
+V, N_DOCS, N_QUERIES, K = 400, 600, 25, 10
+
+
+def zipf_vectors(n: int, active: int, seed: int) -> np.ndarray:
+    """Unit vectors, ``active`` words each drawn without replacement with Zipf word frequencies."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, V + 1)
+    p = p[np.random.default_rng(0).permutation(V)]
+    p /= p.sum()
+    out = np.zeros((n, V), dtype=np.float32)
+    for i in range(n):
+        idx = rng.choice(V, active, replace=False, p=p)
+        out[i, idx] = rng.lognormal(size=active)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def collection() -> tuple[np.ndarray, np.ndarray]:
+    return zipf_vectors(N_DOCS, 30, seed=1), zipf_vectors(N_QUERIES, 8, seed=2)
+
+
+@pytest.fixture(scope="module")
+def vocab() -> Vocabulary:
+    return Vocabulary([f"word{i}" for i in range(V)], list(range(V)))
+
+
+def make_index(path, vocab, docs, fingerprint="fp-a", shards=3) -> SparseIndex:
+    index = SparseIndex.create(path, vocab, ModelRecord("raw", fingerprint, vocab.fingerprint(), V))
+    for part in np.array_split(np.arange(len(docs)), shards):  # several shards: exercises concatenation
+        index.add(docs[part], [f"doc{i}" for i in part])
+    return index
+
+
+def dense_topk(queries: np.ndarray, docs: np.ndarray, k: int = K) -> torch.return_types.topk:
+    return (torch.from_numpy(queries) @ torch.from_numpy(docs).T).topk(k, dim=1)
+
+
+def milvus_or_skip(index: SparseIndex) -> None:
+    try:
+        index.backend("images")
+    except ImportError as err:
+        pytest.skip(f"pymilvus/milvus-lite not installed: {err}")
+    except Exception as err:  # noqa: BLE001 - only "Lite cannot start on this machine" is a skip reason
+        if "milvus" in type(err).__module__.lower() or "connect" in str(err).lower():
+            pytest.skip(f"Milvus Lite cannot start on this machine: {type(err).__name__}: {err}")
+        raise
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, vocab, collection):
+    path = tmp_path_factory.mktemp("idx")
+    make_index(path, vocab, collection[0]).close()
+    return path
+
+
+def open_backend(path, name) -> SparseIndex:
+    index = SparseIndex.open(path, backend=name)
+    if name == "milvus":
+        milvus_or_skip(index)
+    return index
+
+
+def test_registry_lists_the_three_backends():
+    assert {"exact", "seismic", "milvus"} <= set(list_backends())
+    with pytest.raises(ValueError, match="unknown search backend 'nope'"):
+        from lexvla.index import create_backend
+
+        create_backend("nope", None)
+
+
+def test_exact_equals_dense_reference(built, collection):
+    docs, queries = collection
+    ref = dense_topk(queries, docs)
+    with SparseIndex.open(built) as index:
+        hits = index.search_vectors(queries, k=K)
+    for i, row in enumerate(hits):
+        assert [h.row for h in row] == ref.indices[i].tolist()
+        np.testing.assert_allclose([h.score for h in row], ref.values[i].numpy(), rtol=1e-5, atol=1e-6)
+        assert [h.id for h in row] == [f"doc{r}" for r in ref.indices[i].tolist()]
+
+
+@pytest.mark.parametrize("backend", ["seismic", "milvus"])
+def test_approximate_backends_recall(built, collection, backend):
+    docs, queries = collection
+    ref = dense_topk(queries, docs).indices.numpy()
+    with open_backend(built, backend) as index:
+        hits = index.search_vectors(queries, k=K)
+    recall = np.mean([len({h.row for h in row} & set(ref[i])) / K for i, row in enumerate(hits)])
+    assert recall >= 0.95, f"{backend} recall@10 = {recall:.3f}"
+    # Hits are re-scored exactly: each returned score is the true dot product.
+    dense = queries @ docs.T
+    for i, row in enumerate(hits):
+        for h in row:
+            assert h.score == pytest.approx(float(dense[i, h.row]), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["exact", "seismic", "milvus"])
+def test_explanations_sum_to_score(built, collection, vocab, backend):
+    docs, queries = collection
+    with open_backend(built, backend) as index:
+        hits = index.search_vectors(queries[:5], k=5)
+    for i, row in enumerate(hits):
+        assert row, "every query shares words with some document"
+        for h in row:
+            contributions = [w.contribution for w in h.explanation.words]
+            assert sum(contributions) == pytest.approx(h.score, rel=1e-9, abs=1e-12)
+            assert contributions == sorted(contributions, reverse=True)
+            for w in h.explanation.words:
+                assert w.word == vocab.words[w.dim]
+                assert w.query_weight == pytest.approx(float(queries[i, w.dim]), rel=1e-6)
+                assert w.doc_weight == pytest.approx(float(docs[h.row, w.dim]), rel=1e-6)
+            shared = np.flatnonzero((queries[i] > 0) & (docs[h.row] > 0))
+            assert sorted(w.dim for w in h.explanation.words) == shared.tolist()
+
+
+@pytest.mark.parametrize("backend", ["exact", "seismic", "milvus"])
+def test_add_and_delete(tmp_path, vocab, collection, backend):
+    docs, queries = collection
+    first, extra = docs[:400], docs[400:]
+    index = make_index(tmp_path, vocab, first, shards=2)
+    index.close()
+    index = open_backend(tmp_path, backend)
+    with index:
+        index.search_vectors(queries[:2], k=K)  # backend built before the changes: must catch up
+        index.add(extra, [f"doc{i}" for i in range(400, N_DOCS)])
+        gone = [f"doc{r}" for r in dense_topk(queries[:5], docs).indices[:, 0].tolist()]
+        index.delete(gone)
+        alive = np.ones(N_DOCS, dtype=bool)
+        alive[[int(g[3:]) for g in gone]] = False
+        ref = (torch.from_numpy(queries) @ torch.from_numpy(docs).T)
+        ref[:, ~torch.from_numpy(alive)] = -1
+        ref_top = ref.topk(K, dim=1).indices.numpy()
+        hits = index.search_vectors(queries, k=K)
+        found = [{h.id for h in row} for row in hits]
+        assert not set(gone) & set().union(*found)
+        recall = np.mean([len({h.row for h in row} & set(ref_top[i])) / K for i, row in enumerate(hits)])
+        assert recall >= (1.0 if backend == "exact" else 0.95)
+        assert any(h.row >= 400 for row in hits for h in row), "added rows are searchable"
+        with pytest.raises(ValueError, match="already in the store"):
+            index.add(extra[:1], ["doc450"])
+        with pytest.raises(KeyError, match="not in"):
+            index.delete(["no-such-doc"])
+        assert index.info().collections["images"]["items"] == N_DOCS - len(set(gone))
+
+
+def test_wrong_model_is_refused(built, collection):
+    _, queries = collection
+    with SparseIndex.open(built) as index:
+        with pytest.raises(ModelMismatchError, match="fp-a.*fp-other|built with model"):
+            index.search_vectors(queries[:1], fingerprint="fp-other")
+        with pytest.raises(ModelMismatchError, match="vocabulary"):
+            index.check_fingerprint("fp-a", vocab_fingerprint="0000")
+        index.search_vectors(queries[:1], fingerprint="fp-a")  # the right model passes
+        with pytest.raises(ValueError, match="dimensions"):
+            index.search_vectors(np.ones((1, V + 1), dtype=np.float32))
+
+
+def is_memory_mapped(array) -> bool:
+    while array is not None:
+        if isinstance(array, (np.memmap, mmap.mmap)):
+            return True
+        array = getattr(array, "base", None)
+    return False
+
+
+def test_reopen_is_memory_mapped_and_identical(built, collection):
+    _, queries = collection
+    with SparseIndex.open(built) as a:
+        first = [[(h.id, h.score) for h in row] for row in a.search_vectors(queries, k=K)]
+    with SparseIndex.open(built) as b:
+        again = [[(h.id, h.score) for h in row] for row in b.search_vectors(queries, k=K)]
+        postings = b.backend("images")._postings
+        for array in (postings.data, postings.indices, postings.indptr):
+            assert is_memory_mapped(array), "opened without reading the arrays into memory"
+    assert first == again
+
+
+def test_query_sparsification(tmp_path, vocab, collection):
+    docs, queries = collection
+    index = SparseIndex.create(tmp_path, vocab, ModelRecord("raw", "fp", vocab.fingerprint(), V),
+                               SparsifySettings(threshold=0.05, topk=20))
+    index.add(docs, [f"d{i}" for i in range(N_DOCS)])
+    stored = index.store().matrix()
+    assert stored.data.min() > 0.05 and np.diff(stored.indptr).max() <= 20
+    q = index.prepare_queries(queries, topk=3)
+    assert np.diff(q.indptr).max() <= 3 and q.data.min() > 0.05
+    hits = index.search_vectors(queries, k=3, topk=3)
+    for i, row in enumerate(hits):
+        for h in row:
+            assert len(h.explanation.words) <= 3
+            assert h.score == pytest.approx(float((q[i].toarray() @ stored[h.row].toarray().T).item()), rel=1e-6)
+
+
+def test_store_ignores_uncommitted_shard(tmp_path, collection):
+    """A crash after writing shard files but before the manifest commit loses only that batch."""
+    docs, _ = collection
+    store = VectorStore.create(tmp_path, V)
+    store.append(sp.csr_matrix(docs[:10]), [{"id": f"a{i}"} for i in range(10)])
+    # The next shard's files, half written by a process that died before committing:
+    (tmp_path / "shard-000001.data.npy").write_bytes(b"garbage")
+    (tmp_path / "shard-000001.items.jsonl").write_text('{"id": "ghost"}\n')
+    reopened = VectorStore.open(tmp_path)
+    assert reopened.n_rows == 10 and reopened.row_of("ghost") is None
+    reopened.append(sp.csr_matrix(docs[10:15]), [{"id": f"b{i}"} for i in range(5)])
+    again = VectorStore.open(tmp_path)
+    assert again.n_rows == 15 and again.ids()[10:] == [f"b{i}" for i in range(5)]
+    np.testing.assert_allclose(again.matrix().toarray(), docs[:15], rtol=1e-6)
+    assert json.loads((tmp_path / "manifest.json").read_text())["generation"] == 3
+
+
+def test_bad_inputs_name_the_problem(tmp_path, vocab):
+    index = SparseIndex.create(tmp_path, vocab, ModelRecord("raw", "fp", vocab.fingerprint(), V))
+    with pytest.raises(ValueError, match="NaN"):
+        index.add(np.full((1, V), np.nan, dtype=np.float32), ["x"])
+    with pytest.raises(ValueError, match="2 vectors but 1 items"):
+        index.add(np.ones((2, V), dtype=np.float32), ["x"])
+    with pytest.raises(ValueError, match="unknown collection"):
+        index.store("audio")
+    with pytest.raises(FileExistsError):
+        SparseIndex.create(tmp_path, vocab, ModelRecord("raw", "fp", vocab.fingerprint(), V))
+    with pytest.raises(FileNotFoundError, match="not a lexvla index"):
+        SparseIndex.open(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="no option"):
+        SparseIndex.open(tmp_path, backend="seismic", backend_options={"bogus": 1}).backend()
+    assert index.search_vectors(np.ones((1, V), dtype=np.float32)) == [[]]  # empty collection
