@@ -34,10 +34,10 @@ def _load_model(name: str) -> Any:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="zoo name (lexvla list) or a checkpoint folder")
+    p.add_argument("--model", required=True, help="zoo name (see: lexvla models) or a checkpoint folder")
     p.add_argument("--root", type=Path, help="dataset folder (images; VOC root; ...)")
     p.add_argument("--annotations", type=Path, help="annotation file (Karpathy JSON, manifest, COCO JSON)")
-    p.add_argument("--split", default=None, help="dataset split (default: test for retrieval, val for VOC)")
+    p.add_argument("--split", default=None, help="dataset split (default: test; VOC: val)")
     p.add_argument("--limit", type=int, help="first N images only (quick checks; not the paper protocol)")
     p.add_argument("--out", type=Path, default=Path("eval_results"), help="folder for JSON results and pictures")
     p.add_argument("--sparsify", default="threshold",
@@ -106,7 +106,7 @@ def run_patchdis(args: argparse.Namespace) -> int:
 
     sources = tuple(s for s in args.sources.split(",") if s) if args.sources else SegDataConfig.sources
     data = load_segmentation_set(args.dataset, SegDataConfig(
-        root=args.root, annotations=args.annotations, split=args.split or "val", limit=args.limit, sources=sources,
+        root=args.root, annotations=args.annotations, split=args.split, limit=args.limit, sources=sources,
     ))
     config = PatchDisConfig(prompt=args.prompt, background=args.background,
                             background_threshold=args.background_threshold,

