@@ -160,12 +160,14 @@ def test_cache_key_and_module_fingerprint():
         CacheKey("", "p", "d")
     assert CacheKey("b", "p", "d").digest() != CacheKey("b", "p", "e").digest()
     torch.manual_seed(0)
-    a = torch.nn.Linear(3, 2)
+    a = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))  # BN has a 0-dim int buffer
     fp = module_fingerprint(a)
     assert fp == module_fingerprint(a)
     with torch.no_grad():
-        a.weight[0, 0] += 1
+        a[0].weight[0, 0] += 1
     assert module_fingerprint(a) != fp
+    a[1].num_batches_tracked += 1
+    assert len({fp, module_fingerprint(a)}) == 2
 
 
 def test_cached_features_feed_the_model_like_raw_pixels(tmp_path, tiny_model):

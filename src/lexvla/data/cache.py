@@ -389,7 +389,7 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     h = hashlib.sha256(type(module).__qualname__.encode())
     for name, t in itertools.chain(module.named_parameters(), module.named_buffers()):
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
