@@ -133,22 +133,28 @@ def format_target(text: str) -> str:
 
 @torch.no_grad()
 def compute_features(backbone: torch.nn.Module, images: Sequence[str], batch_size: int = 64,
-                     cache: str | Path | None = None) -> dict[str, torch.Tensor]:
+                     cache: str | Path | None = None, blur_sigma: float | None = None) -> dict[str, torch.Tensor]:
     """Frozen backbone tokens (P, C) per unique image path, computed once; with ``cache`` (a folder)
-    stored as safetensors keyed by the backbone config and the image list."""
+    stored as safetensors keyed by the backbone config and the image list. ``blur_sigma`` blurs the
+    preprocessed pixels first (features for CAL's "blur" condition)."""
     from safetensors.torch import load_file, save_file
+
+    from lexvla.cal.conditions import gaussian_blur
 
     unique = sorted(set(images))
     file = None
     if cache is not None:
-        key = json.dumps({"backbone": repr(backbone.cfg), "images": unique}, sort_keys=True)
+        key = json.dumps({"backbone": repr(backbone.cfg), "images": unique, "blur": blur_sigma}, sort_keys=True)
         file = Path(cache) / f"features-{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors"
         if file.is_file():
             stacked = load_file(file)["features"]
             return dict(zip(unique, stacked, strict=True))
     chunks = []
     for i in range(0, len(unique), batch_size):
-        chunks.append(backbone(backbone.preprocess(unique[i:i + batch_size])).half())
+        pixels = backbone.preprocess(unique[i:i + batch_size])
+        if blur_sigma is not None:
+            pixels = gaussian_blur(pixels, blur_sigma)
+        chunks.append(backbone(pixels).half())
     stacked = torch.cat(chunks)
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)

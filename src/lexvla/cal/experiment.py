@@ -55,14 +55,14 @@ class ExperimentConfig:
     test_images: int = 300
     test_questions_per_image: int = 2
     llm: str = "embedded:smollm2"
-    llm_layers: int | None = 4
+    llm_layers: int | None = 2
     image_tokens: int = 4
     prompt: str = "Image:<image>\nQ: {question}\nA:"
-    pretrain_steps: int = 25
-    finetune_steps: int = 80
+    pretrain_steps: int = 20
+    finetune_steps: int = 60
     batch_size: int = 16
-    pretrain_lr: float = 2e-3
-    finetune_lr: float = 1e-3
+    pretrain_lr: float = 3e-3
+    finetune_lr: float = 2e-3
     cal: CALConfig = dataclasses.field(default_factory=CALConfig)
     seed: int = 0
     threads: int = 1
@@ -111,9 +111,13 @@ def answer_logit_diffs(model: SmallVLM, examples: list[VLMExample], features: di
     from lexvla.cal.inspect import token_correlations
 
     sums: dict[str, list[float]] = {"clean": [], "noisy": []}
-    for ex in examples[:limit]:
-        row = token_correlations(model, features[ex.image].float(), [ex.target], question=ex.question)[0]
-        sums["noisy" if ex.noisy else "clean"].append(row.logit_diff[0])
+    chosen = list(examples[:limit])
+    for i in range(0, len(chosen), 64):
+        chunk = chosen[i:i + 64]
+        feats = torch.stack([features[ex.image] for ex in chunk]).float()
+        rows = token_correlations(model, feats, [ex.target for ex in chunk], question=[ex.question for ex in chunk])
+        for ex, row in zip(chunk, rows, strict=True):
+            sums["noisy" if ex.noisy else "clean"].append(row.logit_diff[0])
     return {k: (sum(v) / len(v) if v else float("nan")) for k, v in sums.items()}
 
 

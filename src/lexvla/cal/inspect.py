@@ -41,10 +41,10 @@ class TokenCorrelation:
 
 @torch.no_grad()
 def token_correlations(model: SmallVLM, features: torch.Tensor, texts: Sequence[str],
-                       question: str | None = None, condition: str = "remove") -> list[TokenCorrelation]:
+                       question: str | Sequence[str] | None = None, condition: str = "remove") -> list[TokenCorrelation]:
     """Logit differences for every text (each scored against the matching row of ``features`` (B, P, C);
-    one row is broadcast to all texts). ``question`` scores the texts as answers to a VQA prompt instead of
-    as captions."""
+    one row is broadcast to all texts). ``question`` (one, or one per text) scores the texts as answers
+    to a VQA prompt instead of as captions."""
     if features.dim() == 2:
         features = features.unsqueeze(0)
     if features.shape[0] == 1 and len(texts) > 1:
@@ -52,8 +52,11 @@ def token_correlations(model: SmallVLM, features: torch.Tensor, texts: Sequence[
     if features.shape[0] != len(texts):
         raise ValueError(f"{features.shape[0]} feature rows for {len(texts)} texts")
     model.eval()
-    prompt = model.vqa_prompts([question])[0] if question is not None else model.config.caption_prompt
-    tokens = model.tokenize([prompt] * len(texts), [format_target(t) for t in texts])
+    if question is None:
+        prompts = [model.config.caption_prompt] * len(texts)
+    else:
+        prompts = model.vqa_prompts([question] * len(texts) if isinstance(question, str) else question)
+    tokens = model.tokenize(prompts, [format_target(t) for t in texts])
     inputs = model.multimodal_inputs(tokens, features)
     loss = CALLoss(CALConfig(condition=condition))
     keep = inputs.label_span()

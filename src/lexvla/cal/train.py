@@ -165,13 +165,18 @@ def _prune(output_dir: Path, keep: int) -> None:
 
 # ---------------------------------------------------------------------------------------- training
 def train_stage(model: SmallVLM, examples: Sequence[VLMExample], features: dict[str, torch.Tensor],
-                config: TrainConfig, output_dir: str | Path, resume: bool = True) -> TrainResult:
-    """Train one stage; with ``resume`` continue from the newest checkpoint in ``output_dir``."""
+                config: TrainConfig, output_dir: str | Path, resume: bool = True,
+                blurred_features: dict[str, torch.Tensor] | None = None) -> TrainResult:
+    """Train one stage; with ``resume`` continue from the newest checkpoint in ``output_dir``.
+    ``blurred_features`` (backbone tokens of the blurred images) are needed by CAL's "blur" condition."""
     from accelerate import Accelerator
     from safetensors.torch import load_file
 
     if not examples:
         raise ValueError("no training examples")
+    needs_blur = config.cal and config.cal_config.condition == "blur"
+    if needs_blur and blurred_features is None:
+        raise ValueError("CAL condition 'blur' needs blurred_features (see lexvla.cal.data.compute_features)")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model.set_stage(config.stage)
@@ -202,7 +207,8 @@ def train_stage(model: SmallVLM, examples: Sequence[VLMExample], features: dict[
             group["lr"] = config.lr_at(step)
         batch = [examples[i] for i in batch_indices(len(examples), config.batch_size, step, config.seed)]
         tokens, feats = make_batch(vlm, batch, features)
-        out: CALOutput = loss_fn(vlm.logits, vlm.multimodal_inputs(tokens, feats))
+        blurred = make_batch(vlm, batch, blurred_features)[1] if needs_blur else None
+        out: CALOutput = loss_fn(vlm.logits, vlm.multimodal_inputs(tokens, feats, blurred))
         accelerator.backward(out.loss)
         if config.grad_clip > 0:
             accelerator.clip_grad_norm_(params, config.grad_clip)

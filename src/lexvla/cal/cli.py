@@ -1,0 +1,187 @@
+"""``lexvla cal``: train a small VLM with/without CAL, inspect per-token visual correlation, run the
+label-noise experiment."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def _say(msg: str) -> None:
+    sys.stdout.write(msg + "\n")
+
+
+def _add_cal_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("CAL")
+    g.add_argument("--cal", action=argparse.BooleanOptionalAction, default=True, help="CAL re-weighting (default on)")
+    g.add_argument("--alpha", type=float, default=1.0, help="lower clamp of the logit difference")
+    g.add_argument("--beta", type=float, default=5.0, help="upper clamp of the logit difference")
+    g.add_argument("--smoothing", default="flattened", help="flattened (official) | per_sequence | none")
+    g.add_argument("--condition", default="remove", help="remove (official) | mask_patches | blur")
+    g.add_argument("--blur-sigma", type=float, default=4.0, help="pixels, for --condition blur")
+
+
+def _cal_config(args: argparse.Namespace):
+    from lexvla.cal.loss import CALConfig
+
+    return CALConfig(alpha=args.alpha, beta=args.beta, smoothing=args.smoothing, condition=args.condition,
+                     blur_sigma=args.blur_sigma)
+
+
+def register(subparsers) -> None:
+    cal = subparsers.add_parser("cal", help="CAL: contrastive-alignment token re-weighting for VLM training")
+    sub = cal.add_subparsers(dest="cal_command", metavar="CAL_COMMAND")
+
+    t = sub.add_parser("train", help="train one stage (pretrain: projector; finetune: projector + LoRA)")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--manifest", help="JSONL: {image, question, answer} or {image, caption} per line")
+    src.add_argument("--easy-vqa", action="store_true", help="easy-vqa's train questions (pip package easy-vqa)")
+    t.add_argument("--max-images", type=int, default=None, help="easy-vqa: seeded subset of images")
+    t.add_argument("--questions-per-image", type=int, default=None, help="easy-vqa: questions kept per image")
+    t.add_argument("--noise", type=float, default=0.0, help="easy-vqa: fraction of answers replaced by wrong ones")
+    t.add_argument("--stage", choices=("pretrain", "finetune"), default="pretrain")
+    t.add_argument("--init", help="start from this SmallVLM checkpoint (e.g. the stage-1 output's final step)")
+    t.add_argument("--output", required=True, help="run folder (checkpoints/, metrics.jsonl)")
+    t.add_argument("--llm", default="embedded:smollm2", help="embedded:smollm2 | local folder | .gguf | random")
+    t.add_argument("--llm-layers", type=int, default=None, help="keep the first k LLM layers (CPU budget)")
+    t.add_argument("--image-tokens", type=int, default=4, help="image tokens in the LLM sequence (a square)")
+    t.add_argument("--steps", type=int, default=100)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--save-every", type=int, default=0, help="checkpoint every n steps (0: only at the end)")
+    t.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from the newest checkpoint in --output (default on)")
+    t.add_argument("--threads", type=int, default=None, help="torch threads")
+    _add_cal_args(t)
+    t.set_defaults(func=cmd_train)
+
+    i = sub.add_parser("inspect", help="per-token visual-correlation heat map of captions (HTML + PNG)")
+    i.add_argument("--checkpoint", required=True, help="SmallVLM checkpoint folder")
+    i.add_argument("--image", help="image file (single mode)")
+    i.add_argument("--text", action="append", default=[], help="caption to score (repeat for several)")
+    i.add_argument("--question", default=None, help="score the texts as answers to this question instead")
+    i.add_argument("--manifest", help="batch mode: JSONL of {image, caption}; ranks captions by least-supported token")
+    i.add_argument("--top", type=int, default=20, help="batch mode: how many captions to show")
+    i.add_argument("--output", required=True, help="output prefix: PREFIX.html, PREFIX.png (batch: PREFIX.jsonl)")
+    i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("experiment", help="easy-vqa label-noise experiment, with vs without CAL")
+    e.add_argument("--output", default="runs/cal-easyvqa", help="results folder")
+    e.add_argument("--noise", type=float, nargs="+", default=None, help="noise rates (default 0 0.2 0.4)")
+    e.add_argument("--train-images", type=int, default=None)
+    e.add_argument("--test-images", type=int, default=None)
+    e.add_argument("--llm-layers", type=int, default=None)
+    e.add_argument("--pretrain-steps", type=int, default=None)
+    e.add_argument("--finetune-steps", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=None)
+    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--smoothing", default=None, help="CAL smoothing mode (default: flattened, official)")
+    e.add_argument("--report-only", action="store_true", help="redraw table and plot from results.json")
+    e.set_defaults(func=cmd_experiment)
+
+    cal.set_defaults(func=lambda args: (cal.print_help(), 2)[1])
+
+
+# ------------------------------------------------------------------------------------------ commands
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from lexvla.cal.data import compute_features, easy_vqa_examples, inject_label_noise, read_manifest
+    from lexvla.cal.train import TrainConfig, train_stage
+    from lexvla.cal.vlm import SmallVLM, VLMConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.manifest:
+        examples = read_manifest(args.manifest)
+    else:
+        examples = easy_vqa_examples("train", args.max_images, args.questions_per_image, seed=args.seed)
+        examples = inject_label_noise(examples, args.noise, seed=args.seed)
+    torch.manual_seed(args.seed)
+    if args.init:
+        model = SmallVLM.from_pretrained(args.init)
+    else:
+        model = SmallVLM(VLMConfig(llm=args.llm, llm_layers=args.llm_layers, image_tokens=args.image_tokens))
+    cfg = TrainConfig(stage=args.stage, cal=args.cal, cal_config=_cal_config(args), steps=args.steps,
+                      batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every)
+    out = Path(args.output)
+    images = [ex.image for ex in examples]
+    features = compute_features(model.backbone, images, cache=out / "features")
+    blurred = None
+    if args.cal and args.condition == "blur":
+        blurred = compute_features(model.backbone, images, cache=out / "features", blur_sigma=args.blur_sigma)
+    res = train_stage(model, examples, features, cfg, out, resume=args.resume, blurred_features=blurred)
+    _say(f"trained {res.steps} steps ({res.seconds:.0f}s), final loss {res.final_loss:.4f}; checkpoint: {res.checkpoint}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from lexvla.cal.inspect import rank_captions, render_html, render_png, token_correlations
+    from lexvla.cal.vlm import SmallVLM
+    from lexvla.preprocess import load_image
+
+    model = SmallVLM.from_pretrained(args.checkpoint)
+    prefix = Path(args.output)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    if args.manifest:
+        from lexvla.cal.data import compute_features, read_manifest
+
+        records = [r for r in read_manifest(args.manifest) if r.question is None]
+        if not records:
+            raise ValueError(f"manifest {args.manifest} has no caption records")
+        feats = compute_features(model.backbone, [r.image for r in records])
+        ranked = rank_captions(model, [r.image for r in records], [r.target for r in records], feats)
+        with prefix.with_suffix(".jsonl").open("w") as f:
+            for idx, row in ranked:
+                tok, val = row.least_supported()
+                f.write(json.dumps({"index": idx, "image": records[idx].image, "caption": row.text,
+                                    "least_supported_token": tok, "logit_diff": val,
+                                    "tokens": row.tokens, "logit_diffs": row.logit_diff}) + "\n")
+        top = [row for _, row in ranked[:args.top]]
+        render_html(top, prefix.with_suffix(".html"), title=f"{args.top} least image-supported captions")
+        for idx, row in ranked[:args.top]:
+            tok, val = row.least_supported()
+            _say(f"{val:+7.2f}  {tok.strip()!r:14} {row.text}   [{records[idx].image}]")
+        _say(f"wrote {prefix.with_suffix('.jsonl')} and {prefix.with_suffix('.html')}")
+        return 0
+    if not args.image or not args.text:
+        raise ValueError("inspect needs --image and at least one --text (or --manifest for batch mode)")
+    image = load_image(args.image)
+    feats = model.image_features(model.preprocess([image]))
+    rows = token_correlations(model, feats, args.text, question=args.question)
+    title = f"{Path(args.image).name}" + (f" | Q: {args.question}" if args.question else "")
+    render_html(rows, prefix.with_suffix(".html"), title=title, image=str(Path(args.image).resolve()))
+    render_png(rows, prefix.with_suffix(".png"), image=image, title=title)
+    for row in rows:
+        _say("  ".join(f"{t.strip()}:{v:+.2f}" for t, v in zip(row.tokens, row.logit_diff, strict=True)))
+    _say(f"wrote {prefix.with_suffix('.html')} and {prefix.with_suffix('.png')}")
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from lexvla.cal.experiment import ExperimentConfig, run_experiment, write_report
+
+    out = Path(args.output)
+    if args.report_only:
+        results = json.loads((out / "results.json").read_text())
+        write_report(results, out)
+        _say((out / "results.md").read_text())
+        return 0
+    overrides = {"noise_rates": tuple(args.noise) if args.noise else None, "train_images": args.train_images,
+                 "test_images": args.test_images, "llm_layers": args.llm_layers,
+                 "pretrain_steps": args.pretrain_steps, "finetune_steps": args.finetune_steps,
+                 "batch_size": args.batch_size, "threads": args.threads}
+    cfg = ExperimentConfig(**{k: v for k, v in overrides.items() if v is not None})
+    if args.smoothing:
+        cfg = dataclasses.replace(cfg, cal=dataclasses.replace(cfg.cal, smoothing=args.smoothing))
+    run_experiment(cfg, out, progress=True)
+    _say((out / "results.md").read_text())
+    return 0
