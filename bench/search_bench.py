@@ -53,28 +53,50 @@ def embedded_vocab_size() -> tuple[int, str]:
         return DEFAULT_V, "default"
 
 
-def zipf_sparse(n: int, dim: int, active: int, zipf_s: float, seed: int, chunk: int = 2000) -> sp.csr_matrix:
-    """``n`` unit vectors with ``active`` distinct words each, drawn without replacement, p ~ 1/rank**s.
+def _first_distinct(draws: np.ndarray, active: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the first ``active`` distinct values of ``draws`` in draw order; and which rows had enough."""
+    b, m = draws.shape
+    order = np.argsort(draws, axis=1, kind="stable")
+    srt = np.take_along_axis(draws, order, axis=1)
+    first_sorted = np.ones_like(srt, dtype=bool)
+    first_sorted[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    first = np.zeros_like(first_sorted)
+    np.put_along_axis(first, order, first_sorted, axis=1)  # first occurrence, at its draw position
+    keep = first & (np.cumsum(first, axis=1) <= active)
+    ok = keep.sum(axis=1) == active
+    picked = np.sort(draws[ok][keep[ok]].reshape(-1, active), axis=1)
+    return picked, ok
 
-    Weighted sampling without replacement by the exponential-keys trick: the ``active`` smallest
-    ``E_j / p_j`` (E ~ Exp(1)) form a draw in the right law (a successive-sampling design).
+
+def zipf_sparse(n: int, dim: int, active: int, zipf_s: float, seed: int, chunk: int = 20000) -> sp.csr_matrix:
+    """``n`` unit vectors with ``active`` distinct words each, p(word of rank r) ~ 1/r**s.
+
+    Words are drawn with replacement and the first ``active`` distinct ones kept (successive sampling,
+    i.e. weighted sampling without replacement); ranks are assigned to dimensions by a fixed random
+    permutation shared by documents and queries. Weights are log-normal, then L2-normalised.
     """
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(dim, generator=torch.Generator().manual_seed(1234))  # same word law for docs/queries
-    p = 1.0 / torch.arange(1, dim + 1, dtype=torch.float64) ** zipf_s
-    p = (p / p.sum()).float()[torch.argsort(perm)]  # dimension perm[r] has rank r
+    rng = np.random.default_rng(seed)
+    perm = np.random.default_rng(1234).permutation(dim)
+    cdf = np.cumsum(1.0 / np.arange(1, dim + 1) ** zipf_s)
+    cdf /= cdf[-1]
     indices = np.empty(n * active, dtype=np.int32)
     data = np.empty(n * active, dtype=np.float32)
     for start in range(0, n, chunk):
         b = min(chunk, n - start)
-        keys = torch.empty(b, dim).exponential_(generator=gen) / p
-        idx = keys.topk(active, dim=1, largest=False).indices.sort(dim=1).values
-        w = torch.empty(b, active).log_normal_(0.0, 1.0, generator=gen)
-        w = w / w.norm(dim=1, keepdim=True)
-        indices[start * active:(start + b) * active] = idx.numpy().ravel()
-        data[start * active:(start + b) * active] = w.numpy().ravel()
+        rows = np.empty((b, active), dtype=np.int64)
+        todo = np.arange(b)
+        m = int(2.3 * active) + 10
+        while len(todo):
+            draws = np.minimum(np.searchsorted(cdf, rng.random((len(todo), m))), dim - 1)
+            picked, ok = _first_distinct(perm[draws], active)
+            rows[todo[ok]] = picked
+            todo, m = todo[~ok], m * 2  # rare rows with too few distinct words: draw more
+        w = rng.lognormal(0.0, 1.0, size=(b, active)).astype(np.float32)
+        w /= np.linalg.norm(w, axis=1, keepdims=True)
+        indices[start * active:(start + b) * active] = rows.ravel()
+        data[start * active:(start + b) * active] = w.ravel()
+        if start and start % 200_000 == 0:
+            logger.info("generated %d / %d vectors", start, n)
     indptr = np.arange(0, n * active + 1, active, dtype=np.int64)
     return sp.csr_matrix((data, indices, indptr), shape=(n, dim))
 

@@ -150,13 +150,15 @@ def build_index(model: Any, images: str | Path | Sequence[str | Path] | None = N
                 out: str | Path = "index", backend: str = "exact", batch_size: int = 32,
                 captions: str | Path | Sequence[str] | None = None, threshold: float | str | None = "auto",
                 topk: int | None = None, backend_options: dict | None = None, progress: bool = True,
-                on_batch: ProgressCallback | None = None, sync: bool = True) -> BuildReport:
+                on_batch: ProgressCallback | None = None, sync: bool = True,
+                model_source: str | None = None) -> BuildReport:
     """Encode ``images`` (folder, manifest or paths) and ``captions`` into the index at ``out``.
 
     Re-running with the same ``out`` continues an interrupted build (the index's model must match).
     ``threshold``/``topk``: document sparsification ("auto": the model's default); a resumed build keeps
     the settings it started with. ``on_batch(collection, done, total)`` is called after each committed
     batch. ``sync``: build the backend's structures at the end (Seismic index, Milvus inserts).
+    ``model_source``: zoo name or checkpoint folder recorded so later commands can reload the model.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -175,7 +177,8 @@ def build_index(model: Any, images: str | Path | Sequence[str | Path] | None = N
         logger.info("resuming the index at %s", out)
     else:
         index = SparseIndex.create(out, model.vocab, ModelRecord.from_model(model),
-                                   _default_sparsify(model, threshold, topk), backend, backend_options)
+                                   _default_sparsify(model, threshold, topk), backend, backend_options,
+                                   model_source=model_source)
     report = BuildReport(str(out), backend=index.backend_name)
     try:
         if images is not None:

@@ -153,8 +153,12 @@ class SparseIndex:
     @classmethod
     def create(cls, path: str | Path, vocab: Vocabulary, model: ModelRecord,
                sparsify: SparsifySettings | None = None, backend: str = "exact",
-               backend_options: dict | None = None) -> SparseIndex:
-        """A new empty index at ``path`` (refuses a folder that already holds one)."""
+               backend_options: dict | None = None, model_source: str | None = None) -> SparseIndex:
+        """A new empty index at ``path`` (refuses a folder that already holds one).
+
+        ``model_source``: how to load the model again (zoo name or checkpoint folder), so ``index add``
+        and ``search`` need no ``--model``.
+        """
         path = Path(path)
         if (path / INDEX_FILE).exists():
             raise FileExistsError(f"{path} already holds an index; open it or choose another --out")
@@ -169,7 +173,7 @@ class SparseIndex:
         saved_options = {k: v for k, v in (backend_options or {}).items() if k != "token" and v is not None}
         meta = {"format": INDEX_FORMAT, "uid": uuid.uuid4().hex[:12], "model": asdict(model),
                 "sparsify": asdict(sparsify or SparsifySettings()), "backend": backend,
-                "backend_options": {backend: saved_options}}
+                "backend_options": {backend: saved_options}, "model_source": model_source}
         atomic_write_text(path / INDEX_FILE, json.dumps(meta, indent=1))
         return cls(path, meta, vocab, backend, backend_options)
 
@@ -202,6 +206,10 @@ class SparseIndex:
         self.close()
 
     # -- parts -------------------------------------------------------------------------------------
+    @property
+    def model_source(self) -> str | None:
+        return self.meta.get("model_source")
+
     @property
     def dim(self) -> int:
         return len(self.vocab)

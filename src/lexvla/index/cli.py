@@ -1,0 +1,239 @@
+"""``lexvla index build|add|delete|info`` and ``lexvla search``.
+
+Printed hits show rank, score, id (and path or caption) and the words that contribute most to the
+score; ``--json`` prints every hit with all its shared words instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from lexvla.index.backends import list_backends
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # plain strings (URIs, names) need no quotes
+
+
+def _backend_options(args: argparse.Namespace) -> dict:
+    options: dict[str, Any] = {}
+    for item in args.backend_option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--backend-option expects KEY=VALUE, got {item!r}")
+        options[key.strip()] = _parse_value(value)
+    if getattr(args, "uri", None):
+        options["uri"] = args.uri
+    return options
+
+
+def _threshold(text: str) -> float | str | None:
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"threshold must be 'auto', 'none' or a number, got {text!r}") from None
+
+
+def _model_source(name: str) -> str:
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
+@functools.lru_cache(maxsize=2)
+def _create_model(source: str):
+    import lexvla
+
+    return lexvla.create_model(source).eval()
+
+
+def _load_model(source: str | None, index_path: Path):
+    """The model by zoo name or checkpoint folder (cached: commands run in one process share it)."""
+    if not source:
+        raise ValueError(f"the index {index_path} does not record its model; pass --model")
+    return _create_model(source)
+
+
+def _add_backend_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--backend", choices=list_backends(), default=default,
+                   help="search backend" + (" (default: the one the index was built with)" if default is None else ""))
+    p.add_argument("--uri", help="milvus: a Milvus Lite file (*.db) or a server/cluster, e.g. http://host:19530")
+    p.add_argument("--backend-option", "-o", action="append", metavar="KEY=VALUE",
+                   help="backend option, e.g. -o n_postings=2000 (seismic) or -o token=user:pw (milvus)")
+
+
+def _print_report(report, as_json: bool) -> None:
+    if as_json:
+        _out(json.dumps({**asdict(report), "n_skipped": report.n_skipped}, indent=1))
+        return
+    _out(f"index {report.out} ({report.backend}): {report.images_added} images added, "
+         f"{report.images_already_indexed} already indexed; {report.captions_added} captions added, "
+         f"{report.captions_already_indexed} already indexed; {report.n_skipped} unreadable image(s) skipped "
+         f"in {report.seconds:.1f}s")
+    for s in report.skipped[:20]:
+        _out(f"  skipped {s.path}: {s.reason}")
+    if report.n_skipped > 20:
+        _out(f"  ... and {report.n_skipped - 20} more")
+
+
+def _build(args: argparse.Namespace) -> int:
+    from lexvla.index.build import build_index
+    from lexvla.index.core import INDEX_FILE, SparseIndex
+
+    out = Path(args.out)
+    source = args.model
+    if source is None and (out / INDEX_FILE).is_file():
+        source = SparseIndex.open(out).model_source
+    source = source or "lexvla-embedded"
+    model = _load_model(_model_source(source), out)
+    report = build_index(model, images=args.images, out=out, backend=args.backend, batch_size=args.batch_size,
+                         captions=args.captions, threshold=args.threshold, topk=args.topk,
+                         backend_options=_backend_options(args), progress=not args.no_progress,
+                         model_source=_model_source(source))
+    _print_report(report, args.json)
+    return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+    from lexvla.index.build import build_index
+    from lexvla.index.core import SparseIndex
+
+    index = SparseIndex.open(args.index)
+    if args.images is None and args.captions is None:
+        raise ValueError("index add: give --images and/or --captions")
+    model = _load_model(_model_source(args.model) if args.model else index.model_source, Path(args.index))
+    report = build_index(model, images=args.images, out=args.index, backend=index.backend_name,
+                         batch_size=args.batch_size, captions=args.captions,
+                         backend_options=_backend_options(args), progress=not args.no_progress)
+    _print_report(report, args.json)
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    from lexvla.index.core import SparseIndex
+
+    with SparseIndex.open(args.index, backend=args.backend, backend_options=_backend_options(args)) as index:
+        rows = index.delete(args.ids, args.collection)
+        index.sync()  # keep Milvus/Seismic in step now rather than at the next query
+    _out(f"deleted {len(rows)} item(s) from {args.index}/{args.collection}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from lexvla.index.core import SparseIndex
+
+    with SparseIndex.open(args.index) as index:
+        info = index.info()
+    if args.json:
+        _out(json.dumps(info.to_dict(), indent=1))
+        return 0
+    m = info.model
+    _out(f"index {info.path}\n  model {m.name} (fingerprint {m.fingerprint}), vocabulary {m.dim} words "
+         f"({m.vocab_fingerprint})\n  sparsify threshold={info.sparsify.threshold} topk={info.sparsify.topk}"
+         f"\n  backend {info.backend}")
+    for name, c in info.collections.items():
+        _out(f"  {name}: {c['items']} items ({c['deleted']} deleted), {c['avg_active_words']:.0f} active words "
+             f"on average, {c['store_bytes'] / 2**20:.1f} MiB in {c['shards']} shard(s)")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from lexvla.index.core import SparseIndex
+
+    if (args.query is None) == (args.image is None):
+        raise ValueError("search: give either a text query or --image (not both)")
+    index = SparseIndex.open(args.index, backend=args.backend, backend_options=_backend_options(args))
+    with index:
+        target = args.target or "images"
+        if not index.has_collection(target):
+            hint = " (build it with --captions)" if target == "texts" else ""
+            raise ValueError(f"the index {args.index} has no {target}{hint}")
+        model = _load_model(_model_source(args.model) if args.model else index.model_source, Path(args.index))
+        settings = {"threshold": args.query_threshold, "topk": args.query_topk}
+        if args.image:
+            hits = index.search_image(model, [args.image], k=args.k, collection=target, **settings)[0]
+        else:
+            hits = index.search_text(model, [args.query], k=args.k, collection=target, **settings)[0]
+    if args.json:
+        _out(json.dumps({"query": args.query or args.image, "target": target, "backend": index.backend_name,
+                         "hits": [h.to_dict() for h in hits]}, indent=1))
+        return 0
+    if not hits:
+        _out("no hits: the query shares no words with the indexed items")
+    for h in hits:
+        where = h.metadata.get("text") or h.metadata.get("path") or ""
+        label = h.id if not where or where.endswith(h.id) else f"{h.id}  {where}"
+        _out(f"{h.rank:3d}  {h.score:.4f}  {label}\n       {h.explanation.summary(args.words)}")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``index`` (build, add, delete, info) and ``search`` to the ``lexvla`` command."""
+    p = subparsers.add_parser("index", help="build and manage a sparse lexical index")
+    sub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
+
+    b = sub.add_parser("build", help="encode images (and captions) into an index; re-run to resume")
+    b.add_argument("--model", help="zoo name or checkpoint folder (default: the index's, else lexvla-embedded)")
+    b.add_argument("--images", help="image folder, manifest (.txt / .jsonl) or a single image")
+    b.add_argument("--captions", help="captions for image->text search: .txt (one a line) or .jsonl")
+    b.add_argument("--out", required=True, help="index folder")
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--threshold", type=_threshold, default="auto",
+                   help="document sparsification: 'auto' (the model's 1/sqrt(V)), 'none' or a number")
+    b.add_argument("--topk", type=int, help="keep at most this many words per vector")
+    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--json", action="store_true")
+    _add_backend_args(b, "exact")
+    b.set_defaults(func=_build)
+
+    a = sub.add_parser("add", help="add images / captions to an existing index")
+    a.add_argument("index")
+    a.add_argument("--images")
+    a.add_argument("--captions")
+    a.add_argument("--model", help="default: the model the index records")
+    a.add_argument("--batch-size", type=int, default=32)
+    a.add_argument("--no-progress", action="store_true")
+    a.add_argument("--json", action="store_true")
+    a.add_argument("--uri", help="milvus server/cluster address (if not the recorded one)")
+    a.add_argument("--backend-option", "-o", action="append", metavar="KEY=VALUE")
+    a.set_defaults(func=_add)
+
+    d = sub.add_parser("delete", help="delete items by id")
+    d.add_argument("index")
+    d.add_argument("ids", nargs="+")
+    d.add_argument("--collection", choices=("images", "texts"), default="images")
+    _add_backend_args(d, None)
+    d.set_defaults(func=_delete)
+
+    i = sub.add_parser("info", help="what an index holds and which model built it")
+    i.add_argument("index")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=_info)
+
+    s = subparsers.add_parser("search", help="search an index by text or by image, with explanations")
+    s.add_argument("index")
+    s.add_argument("query", nargs="?", help="text query")
+    s.add_argument("--image", help="image query (image -> images, or -> captions with --target texts)")
+    s.add_argument("--target", choices=("images", "texts"), help="collection to search (default: images)")
+    s.add_argument("-k", type=int, default=10, help="number of hits")
+    s.add_argument("--model", help="default: the model the index records")
+    s.add_argument("--words", type=int, default=5, help="contributing words shown per hit")
+    s.add_argument("--query-threshold", type=float, help="query sparsification (default: as the documents)")
+    s.add_argument("--query-topk", type=int, help="keep at most this many query words")
+    s.add_argument("--json", action="store_true")
+    _add_backend_args(s, None)
+    s.set_defaults(func=_search)
