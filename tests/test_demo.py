@@ -1,0 +1,101 @@
+"""`lexvla demo`: class-balanced batches, and a smoke run of the whole pipeline on lexvla-tiny."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+import pytest
+
+from lexvla.data.easyvqa import COLOURS, SHAPES, EasyVQAConfig, EasyVQADataset, EasyVQARecord, RecoveryStats
+from lexvla.demo import BalancedEasyVQA, DemoConfig, register, run_demo
+
+
+def _fake_dataset(per_class: dict[tuple[str, str], int]) -> EasyVQADataset:
+    """Records only (no image is decoded by the ordering logic)."""
+    cfg = EasyVQAConfig()
+    records, i = [], 0
+    for (colour, shape), n in per_class.items():
+        for _ in range(n):
+            caps = tuple(t.format(colour=colour, shape=shape) for t in cfg.templates)
+            records.append(EasyVQARecord(i, f"/nonexistent/{i}.png", colour, shape, caps, "train"))
+            i += 1
+    return EasyVQADataset(records, RecoveryStats("train"), cfg, "train", caption_mode="first")
+
+
+def test_balanced_batches_have_distinct_classes_and_use_every_image():
+    classes = [(c, s) for c in COLOURS[:4] for s in SHAPES]  # 12 classes
+    ds = _fake_dataset({cls: 3 + k % 4 for k, cls in enumerate(classes)})
+    src = BalancedEasyVQA(ds, batch_size=12, batches=30, seed=1)
+    assert len(src) == 12 * 30
+    label = {r.key: (r.colour, r.shape) for r in ds.records}
+    for b in range(30):
+        block = [label[src.pair_record(b * 12 + j).image_id] for j in range(12)]
+        assert len(set(block)) == 12, f"batch {b} repeats a class: {Counter(block).most_common(2)}"
+    used = Counter(src.pair_record(i).image_id for i in range(len(src)))
+    assert set(used) == set(label), "every image is drawn"
+    # Without replacement within a class: counts of one class's images differ by at most one.
+    for cls in classes:
+        counts = [used[k] for k, v in label.items() if v == cls]
+        assert max(counts) - min(counts) <= 1
+    # Captions name the image's class; the order is fixed by the seed.
+    rec = src.pair_record(5)
+    colour, shape = label[rec.image_id]
+    assert colour in rec.caption and shape in rec.caption
+    again = BalancedEasyVQA(ds, batch_size=12, batches=30, seed=1)
+    assert again.pair_records() == src.pair_records()
+    assert BalancedEasyVQA(ds, 12, 30, seed=2).pair_records() != src.pair_records()
+
+
+def test_balanced_batch_larger_than_the_classes_is_refused():
+    ds = _fake_dataset({("red", "circle"): 2, ("blue", "circle"): 2})
+    with pytest.raises(ValueError, match="exceeds the 2 colour x shape classes"):
+        BalancedEasyVQA(ds, batch_size=3, batches=1)
+
+
+def test_demo_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="steps"):
+        DemoConfig(steps=0)
+    with pytest.raises(ValueError, match="train_images"):
+        DemoConfig(train_images=0)
+
+
+def test_register_adds_the_demo_command():
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["demo", "--model", "lexvla-tiny", "--steps", "3", "--train-images", "40",
+                              "--test-images", "20", "--batch-size", "4", "--out", "x", "--retrain"])
+    assert (args.model, args.steps, args.train_images, args.test_images, args.batch_size, args.out, args.retrain) == (
+        "lexvla-tiny", 3, 40, 20, 4, "x", True)
+    assert callable(args.func)
+
+
+def test_demo_smoke_on_tiny_model(tmp_path):
+    """The whole pipeline on the tiny random model: train, cache, evaluate, report; a rerun reuses the
+    trained checkpoint; --retrain trains again."""
+    cfg = DemoConfig(model="lexvla-tiny", steps=3, batch_size=4, train_images=40, test_images=24,
+                     output_dir=str(tmp_path / "report"), cache_dir=str(tmp_path / "cache"), examples=2,
+                     check_pixels=False, progress=False)
+    first = run_demo(cfg)
+    assert first.trained_now
+    report = tmp_path / "report"
+    page = (report / "index.html").read_text()
+    for png in ("curves.png", "image_words.png", "caption_words.png", "word_patches.png", "patch_words.png"):
+        assert (report / png).stat().st_size > 1000, png
+        assert f'src="{png}"' in page
+    assert "image → text" in page and "R@1" in page
+    assert first.num_test_images == 24
+    for d in (first.i2t, first.t2i):
+        assert 0.0 <= d["R@1"] <= d["R@5"] <= d["R@10"] <= 1.0
+    assert first.active_words["image"] > 0 and first.active_words["text"] > 0
+    saved = json.loads((report / "results.json").read_text())
+    assert saved["i2t"] == first.i2t
+
+    second = run_demo(cfg)
+    assert not second.trained_now, "the trained checkpoint is reused"
+    assert second.i2t == first.i2t and second.t2i == first.t2i
+
+    cfg.retrain = True
+    third = run_demo(cfg)
+    assert third.trained_now
