@@ -24,7 +24,7 @@ def _explain(args: argparse.Namespace) -> int:
     print(f"{image}: {expl.active_words} active words; top: " + ", ".join(w for w, _ in expl.words[:10]))
     for t in expl.texts:
         print(f"  \"{t.text}\": score {t.score:.4f}; shared: "
-              + ", ".join(f"{w} {c:.3f}" for w, c in t.shared_words[:5]))
+              + ", ".join(f"{w} {c:.4g}" for w, c in t.shared_words[:5]))
     for path in [files.word_cloud, files.patch_words, *files.heatmaps, files.json, files.html]:
         print(f"wrote {path}")
     return 0

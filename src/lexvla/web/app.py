@@ -205,10 +205,12 @@ def create_app(service: SearchService, allowed_hosts: list[str] | None = None) -
             match = TextMatchOut(text=t.text, score=t.score, shared_words=_ww(t.shared_words[:20]),
                                  patch_scores=t.patch_scores.tolist(),
                                  heatmap_url=_url("picture", id=id, kind="heatmap", q=t.text))
+        extra = {"q": expl.texts[0].text} if expl.texts else {}  # reuse this explanation for the pictures
         return ExplainOut(id=id, active_words=expl.active_words, words=_ww(expl.words[:40]), grid=list(expl.grid),
                           patch_words=[_ww(pw) for pw in expl.patch_words], query=match,
-                          image_url=_url("image", id=id), wordcloud_url=_url("picture", id=id, kind="wordcloud"),
-                          patches_url=_url("picture", id=id, kind="patches"))
+                          image_url=_url("image", id=id),
+                          wordcloud_url=_url("picture", id=id, kind="wordcloud", **extra),
+                          patches_url=_url("picture", id=id, kind="patches", **extra))
 
     @app.get(f"{API}/picture", responses={**errors, 200: {"content": {"image/png": {}}}}, tags=["explain"])
     def picture(id: str = Query(..., max_length=1000),

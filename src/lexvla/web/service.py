@@ -241,7 +241,9 @@ class SearchService:
         query = " ".join((query or "").split())
         if kind == "heatmap" and not query:
             raise ValueError("a heat map needs a text query (q)")
-        expl = self.explain(item_id, query if kind == "heatmap" else None)
+        # Any cached explanation of the item serves its word cloud and patch words; with a query, the
+        # one the explain endpoint just computed (so opening an item encodes its image once).
+        expl = self.explain(item_id, query)
 
         def compute() -> bytes:
             buf = io.BytesIO()
