@@ -131,3 +131,62 @@ def test_resume_after_sigkill_is_exact(setup) -> None:
             == json.loads((resumed / "checkpoints" / final / "scheduler.json").read_text()))
     # the metrics log reads like one uninterrupted run with the same losses
     assert _losses(resumed) == _losses(ref)
+
+
+@pytest.fixture(scope="module")
+def shared_model():
+    """One tiny model for the short runs below, reset to its initial weights before each."""
+    import lexvla
+
+    model = lexvla.create_model("lexvla-tiny")
+    # trainable_state_dict() shares storage with the parameters: copy, or training changes the snapshot
+    return model, {k: v.clone() for k, v in model.trainable_state_dict().items()}
+
+
+def _short_cfg(root: Path, name: str, data: dict) -> object:
+    cfg = {"model": {"name": "lexvla-tiny"}, "data": {"batch_size": 4, **data}, "steps": 3, "log_every": 1,
+           "tensorboard": False, "progress": False, "output_dir": str(root / name)}
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in cfg.items()])
+
+
+def test_feature_cache_gives_the_same_training(setup, shared_model) -> None:
+    """Cached backbone features (float32) must train exactly like running the backbone every step."""
+    root, _, _ = setup
+    model, init = shared_model
+    clean = root / "clean.jsonl"
+    rows = [json.loads(line) for line in (root / "pairs.jsonl").read_text().splitlines()]
+    clean.write_text("".join(json.dumps(r) + "\n" for r in rows if r["image"] != "broken.png" and r["caption"].strip()))
+    source = {"source": "manifest", "options": {"manifest": str(clean)}}
+    model.load_trained(init)
+    plain = train(_short_cfg(root, "plain", source), model=model)
+    model.load_trained(init)
+    cached = train(_short_cfg(root, "cached", {**source, "feature_cache": str(root / "cache"),
+                                               "cache_dtype": "float32"}), model=model)
+    assert any((root / "cache").iterdir())
+    a, b = _losses(root / "plain"), _losses(root / "cached")
+    assert sorted(a) == [1, 2, 3]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    assert plain.pairs_per_second > 0 and cached.pairs_per_second > 0
+
+
+def test_tar_shards_stream(setup, shared_model) -> None:
+    """WebDataset-style shards (the CC-12M format): streamed, bad samples counted, steps as configured."""
+    import tarfile
+
+    root, _, _ = setup
+    model, init = shared_model
+    shards = []
+    for s in range(2):
+        path = root / f"shard-{s}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(s * 6, s * 6 + 6):
+                tar.add(root / f"{i}.png", arcname=f"{i:05d}.png")
+                cap = root / f"cap{i}.txt"
+                cap.write_text("" if i == 7 else f"picture number {i}")
+                tar.add(cap, arcname=f"{i:05d}.txt")
+        shards.append(str(path))
+    model.load_trained(init)
+    result = train(_short_cfg(root, "shards", {"source": "shards", "options": {"shards": shards}}), model=model)
+    assert result.steps == 3 and result.samples_seen + result.skipped == 12
+    assert result.skipped == 1 and "empty_caption" in result.skip_report

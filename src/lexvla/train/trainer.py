@@ -41,6 +41,8 @@ class TrainResult:
     samples_seen: int
     seconds: float
     pairs_per_second: float
+    # pairs per CPU-second of this process (all its threads): comparable across runs on a busy machine
+    pairs_per_cpu_second: float
     final_metrics: dict[str, float] = field(default_factory=dict)
     validation: list[dict[str, Any]] = field(default_factory=list)
     skipped: int = 0
@@ -103,9 +105,13 @@ def _sparsity(vectors: torch.Tensor, threshold: float) -> torch.Tensor:
     return (vectors.detach() > threshold).sum(-1).float().mean()
 
 
-def train(cfg: TrainConfig, resume: str | bool | None = None) -> TrainResult:
+def train(cfg: TrainConfig, resume: str | bool | None = None, model: Any = None) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data``; ``resume`` = a checkpoint folder, or True/"auto" for the
-    newest one in ``cfg.output_dir`` (a fresh start when there is none)."""
+    newest one in ``cfg.output_dir`` (a fresh start when there is none).
+
+    ``model``: an already built LexVLA to train in place (saves loading it again, e.g. in the demo);
+    ``cfg.model`` is then only recorded. It must be the same model on every process.
+    """
     from accelerate.utils import set_seed
 
     start_time = time.perf_counter()
@@ -116,7 +122,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None) -> TrainResult:
         cfg.save(out_dir / "train_config.json")
     acc.wait_for_everyone()
     set_seed(cfg.seed)  # identical initialisation on every rank
-    model = build_model(cfg)
+    model = build_model(cfg) if model is None else model.train()
     stream = TrainStream(cfg.data, model, acc, cfg.seed, log_dir=str(out_dir / "skips"))
     total_steps = _total_steps(cfg, stream)
     optimizer, groups = build_optimizer(model, cfg.optim)
@@ -147,13 +153,14 @@ def train(cfg: TrainConfig, resume: str | bool | None = None) -> TrainResult:
     progress = _progress(cfg, acc, total_steps, state.step)
 
     step_seconds: list[float] = []
+    step_cpu: list[float] = []
     step_pairs: list[int] = []
     window: dict[str, list[float]] = {}
     last_ckpt: Path | None = None
     metrics: dict[str, float] = {}
     model.train()
     while state.step < total_steps:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         sums: dict[str, torch.Tensor] = {}
         pairs = 0
         for micro in range(cfg.grad_accum):
@@ -185,6 +192,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None) -> TrainResult:
         state.samples_seen += pairs
         state.epoch, state.batches_in_epoch = stream.epoch, stream.batches_in_epoch
         step_seconds.append(time.perf_counter() - t0)
+        step_cpu.append(time.process_time() - c0)
         step_pairs.append(pairs)
 
         # words/* are per-process means: average them over ranks; the loss terms are global already.
@@ -227,11 +235,12 @@ def train(cfg: TrainConfig, resume: str | bool | None = None) -> TrainResult:
         logger.warning("skipped %d unusable samples during training:\n%s", skipped, report)
     # The first step of a process pays for warm-up (allocations, lazy inits); leave it out when we can.
     timed = slice(1, None) if len(step_seconds) > 1 else slice(None)
-    seconds = sum(step_seconds[timed])
+    seconds, cpu = sum(step_seconds[timed]), sum(step_cpu[timed])
     result = TrainResult(
         output_dir=str(out_dir), model_dir=str(model_dir), checkpoint=str(last_ckpt), steps=state.step,
         samples_seen=state.samples_seen, seconds=time.perf_counter() - start_time,
         pairs_per_second=sum(step_pairs[timed]) / seconds if seconds > 0 else 0.0,
+        pairs_per_cpu_second=sum(step_pairs[timed]) / cpu if cpu > 0 else 0.0,
         final_metrics=metrics, validation=validator.history if validator else [], skipped=skipped,
         skip_report=report, resumed_from=str(resumed) if resumed else None,
     )
