@@ -90,9 +90,12 @@ def test_feature_cache_round_trip_and_reuse(tmp_path):
     ds = CachedPairDataset(ArrayStore(store.folder))
     assert len(ds) == 18 and ds.stats.skipped == 0
     item = ds[3]
-    assert item.caption == "image number 1" and item.id == "img/1.png#1" and item.features.dtype == torch.float32
+    assert item.caption == "image number 1" and item.id == "img/1.png#1" and item.features.dtype == torch.float16
     batch = next(iter(build_dataloader(ds, batch_size=5, shuffle=True, seed=0)))
     assert batch.features.shape == (5, 16, 6) and batch.pixels is None and len(batch.captions) == 5
+    assert batch.features.dtype == torch.float32
+    torch.testing.assert_close(batch.features[0], ds[ds.records.index(next(
+        r for r in ds.records if r.id == batch.ids[0]))].features.float())
     # explicit pairs whose image is not cached are counted, not silently dropped
     ds2 = CachedPairDataset(store, pairs=src.pair_records())
     assert len(ds2) == 18 and ds2.stats.counts == {"not_in_cache": 2}

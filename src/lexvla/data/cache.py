@@ -425,7 +425,7 @@ class TextVectorCache:
 class CachedPair:
     """One pair served from the feature cache."""
 
-    features: torch.Tensor  # (P, C) float32
+    features: torch.Tensor  # (P, C) in the cache's storage dtype (float16 by default)
     caption: str
     id: str
     image_id: str
@@ -459,5 +459,6 @@ class CachedPairDataset:
 
     def __getitem__(self, index: int) -> CachedPair:
         r = self.records[index]
-        feats = torch.from_numpy(np.array(self.store.get(r.image_id), dtype=np.float32))  # a copy: memmaps are read-only
+        # storage dtype (float16 by default); the collate function stacks and converts a whole batch at once
+        feats = torch.from_numpy(np.array(self.store.get(r.image_id)))  # a copy: memmaps are read-only
         return CachedPair(features=feats, caption=r.caption, id=r.id, image_id=r.image_id)
