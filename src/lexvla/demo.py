@@ -272,43 +272,54 @@ def _model_config(name: str):
     return get_config(name)
 
 
-@dataclass
-class _BackboneOnly:
-    """What the feature cache needs of a model (config + frozen backbone), without loading the LLM."""
+def _build_like_trainer(tcfg) -> Any:
+    """The model exactly as :func:`lexvla.train.train` builds it (same seed, same random draws), so the
+    caches filled here carry the keys the trainer looks for, random test backbones included."""
+    from accelerate.utils import set_seed
 
-    config: Any
-    backbone: Any
+    from .train.trainer import build_model
 
-    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.backbone(pixels)
-
-    @property
-    def preprocess(self):
-        return self.backbone.preprocess
+    set_seed(tcfg.seed)
+    return build_model(tcfg)
 
 
-def _prebuild_features(tcfg, progress: bool) -> None:
-    """Fill the trainer's feature cache with a progress bar, so the trainer finds it finished.
+def _text_fn(model: Any, bar: Any, chunk: int = 16):
+    """Frozen text side -> lexical vectors, advancing a progress bar every ``chunk`` captions."""
 
-    Only the backbone is built here. Pretrained backbones get the trainer's cache key; a randomly
-    initialised one (tests) draws other weights than the trainer's model, which then fills its own cache.
-    """
+    def encode(captions: list[str]) -> torch.Tensor:
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(captions), chunk):
+                out.append(model.encode_text(captions[i:i + chunk]).vectors)
+                bar.update(len(captions[i:i + chunk]))
+        return torch.cat(out)
+
+    return encode
+
+
+def _prebuild_caches(tcfg, model: Any, progress: bool) -> None:
+    """Fill the trainer's feature and text caches with progress bars; the trainer then finds them finished
+    (it has no bars of its own for them)."""
     from tqdm.auto import tqdm
 
-    from .data import build_feature_cache
-    from .models.backbones import create_backbone
-    from .train.data import SourceContext, _cache_root, backbone_fingerprint, build_source
+    from .data import TextVectorCache, build_feature_cache
+    from .train.data import SourceContext, _cache_root, backbone_fingerprint, build_source, text_fingerprint
 
     source = build_source(tcfg.data, SourceContext(0, 1, tcfg.seed, None))
-    mcfg = _model_config(tcfg.model.name)
-    model = _BackboneOnly(mcfg, create_backbone(mcfg.backbone))
-    n_images = len({source.pair_record(i).image_id for i in range(len(source))})
+    records = source.pair_records()
+    n_images = len({r.image_id for r in records})
     with tqdm(total=n_images, desc="backbone features (train)", unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
         build_feature_cache(_cache_root(tcfg.data.feature_cache, "features"), source, model.image_features,
                             model.preprocess, backbone=backbone_fingerprint(model),
                             preprocessing=repr(model.preprocess), dtype=tcfg.data.cache_dtype,
                             progress=lambda n: bar.update(n - bar.n))
+    if tcfg.data.text_cache:
+        captions = sorted({r.caption for r in records})
+        with tqdm(total=len(captions), desc="caption vectors", unit="caption", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            TextVectorCache(_cache_root(tcfg.data.text_cache, "text"), captions, _text_fn(model, bar),
+                            text_fingerprint(model), dtype="float32")
 
 
 def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -544,7 +555,10 @@ def _lexical(vectors: torch.Tensor):
 # ------------------------------------------------------------------------------------------- driver
 def run_demo(cfg: DemoConfig) -> DemoResult:
     """The whole demo; see the module docstring. Returns the numbers and where the report is."""
-    from . import create_model, load
+    from safetensors.torch import load_file
+
+    from . import load
+    from .models.lexvla import WEIGHTS_FILE
     from .train import train
     from .train.trainer import TrainResult
 
@@ -566,17 +580,20 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     if trained_now:
         if run_dir.exists():
             shutil.rmtree(run_dir)  # the demo's own cache folder: a stale or partial run
-        say(f"[2/5] backbone features of {len(train_ds)} train images (cached for later runs)")
-        _prebuild_features(tcfg, cfg.progress)
+        say(f"[2/5] loading {cfg.model}; backbone features of {len(train_ds)} train images and caption vectors "
+            "(cached for later runs)")
+        model = _build_like_trainer(tcfg)
+        _prebuild_caches(tcfg, model, cfg.progress)
         clock.lap("features")
         say(f"[3/5] training {cfg.model} for {cfg.steps} steps of {cfg.batch_size} class-balanced pairs")
         tr = train(tcfg)
         clock.lap("train")
+        model.load_trained(load_file(model_dir / WEIGHTS_FILE))  # same architecture: no second LLM load
     else:
         say(f"[2/5] backbone features: cached\n[3/5] trained model: cached in {run_dir} (--retrain to train again)")
         tr = TrainResult(**json.loads((run_dir / "result.json").read_text()))
+        model = load(model_dir)
     say("[4/5] zero-shot retrieval on the easy-vqa test split")
-    model = load(model_dir) if model_dir.is_dir() else create_model(cfg.model)
     ev = _evaluate(model, cfg, cfg.progress)
     clock.lap("evaluate")
 

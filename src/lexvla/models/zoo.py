@@ -90,10 +90,13 @@ def _small() -> LexVLAConfig:
 def _embedded() -> LexVLAConfig:
     """Everything from registry packages: CRAFT's VGG16-BN + SmolLM2-135M (frozen text side).
 
-    Backbone taps and grid were chosen by measurement on the toy task (docs/training.md).
+    Backbone, taps, image size and grid were chosen by measurement on the toy task (docs/training.md,
+    "Backbone comparison"): taps from three depths keep colour (early) and shape (late); 64 px is
+    easy-vqa's native size, and a 4x4 grid keeps the patch x vocabulary product, which dominates the
+    training cost, small enough for CPU training.
     """
     return LexVLAConfig(
-        backbone=BackboneConfig(name="vgg16bn", source="embedded", image_size=112, taps=(12, 22, 39), grid=7),
+        backbone=BackboneConfig(name="vgg16bn", source="embedded", image_size=64, taps=(12, 22, 39), grid=4),
         adapter=AdapterConfig(width=384, heads=6, mlp_ratio=2.0),
         text=TextConfig(source="embedded:smollm2"),
         mapper=MapperConfig(),
