@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -148,6 +149,7 @@ class SparseIndex:
         self._stores: dict[str, VectorStore] = {}
         self._backends: dict[str, SearchBackend] = {}
         self._synced: dict[str, int] = {}
+        self._lock = threading.RLock()
 
     # -- creating and opening --------------------------------------------------------------------
     @classmethod
@@ -225,18 +227,19 @@ class SparseIndex:
         return (self.path / collection / "manifest.json").is_file() and self.store(collection).n_alive > 0
 
     def backend(self, collection: str = "images") -> SearchBackend:
-        """The search backend of a collection, synced with its store."""
-        if collection not in self._backends:
-            options = dict(self.backend_options)
-            if self.backend_name == "milvus":
-                options.setdefault("collection", f"lexvla_{self.meta['uid']}_{collection}")
-            self._backends[collection] = create_backend(self.backend_name, self.store(collection), options)
-        backend = self._backends[collection]
-        store = self.store(collection)
-        if self._synced.get(collection) != store.generation:  # skip the check on every query
-            backend.sync()
-            self._synced[collection] = store.generation
-        return backend
+        """The search backend of a collection, synced with its store (thread-safe, e.g. for a web app)."""
+        with self._lock:
+            if collection not in self._backends:
+                options = dict(self.backend_options)
+                if self.backend_name == "milvus":
+                    options.setdefault("collection", f"lexvla_{self.meta['uid']}_{collection}")
+                self._backends[collection] = create_backend(self.backend_name, self.store(collection), options)
+            backend = self._backends[collection]
+            store = self.store(collection)
+            if self._synced.get(collection) != store.generation:  # skip the check on every query
+                backend.sync()
+                self._synced[collection] = store.generation
+            return backend
 
     def sync(self) -> None:
         """Bring every collection's backend up to date (e.g. build the Seismic index now, not at query time)."""
