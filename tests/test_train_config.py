@@ -129,3 +129,7 @@ def test_cli_registers_train(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert args.func(args) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["steps"] == 3 and printed["model"]["name"] == "lexvla-tiny"
+    # an override right after a bare --resume is still an override
+    args = parser.parse_args(["train", "--resume", "steps=4", "--print-config"])
+    assert args.func(args) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 4

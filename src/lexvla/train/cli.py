@@ -6,13 +6,19 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 
 def _run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .trainer import train
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume steps=5`: argparse gave the first override to --resume's optional value
+        overrides.insert(0, args.resume)
+        args.resume = "auto"
+    cfg = load_config(args.config, overrides)
     if args.output_dir:
         cfg.output_dir = args.output_dir
     if args.print_config:

@@ -142,6 +142,8 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, model: Any = None)
         state = load_checkpoint(resumed, acc, model, optimizer, scheduler)
         state.world_size = acc.num_processes
         stream.seek(state.epoch, state.batches_in_epoch)
+        # the saved count is the sum over ranks: carry it on one rank so the next sum stays right
+        stream.skipped = state.skipped if acc.is_main_process else 0
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", resumed, state.step, state.epoch,
                     state.batches_in_epoch)
     else:
