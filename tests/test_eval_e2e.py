@@ -69,6 +69,20 @@ def test_retrieval_end_to_end_matches_direct_computation(tmp_path, model, cache_
     assert len(list((cache_root / "eval" / "vectors").glob("*.safetensors"))) == 2
 
 
+def test_second_evaluation_reads_the_cache(tmp_path, model, cache_root, monkeypatch):
+    write_karpathy(tmp_path, "flickr30k", n_test=2)
+    data = load_retrieval_set("flickr30k", RetrievalDataConfig(root=tmp_path))
+    first = evaluate_retrieval(model, data, RetrievalConfig(progress=False))
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the encoder ran although the vectors are cached")
+
+    monkeypatch.setattr(model, "encode_image", must_not_run)
+    monkeypatch.setattr(model, "encode_text", must_not_run)
+    second = evaluate_retrieval(model, data, RetrievalConfig(progress=False, sparsification="topk:10"))
+    assert second.num_texts == first.num_texts == 10 and second.active_words["text"] <= 10
+
+
 def test_cache_is_used_and_keyed_by_inputs(tmp_path, cache_root):
     class Counting:
         """A dense 'baseline' with the encode API: counts how often it really encodes."""
