@@ -45,6 +45,10 @@ def test_data_cache_with_tiny_backbone(manifest, tmp_path, capsys):
     assert "3 images" in first and "computed 3, reused 0" in first
     assert run(argv) == 0
     assert "computed 0, reused 3" in capsys.readouterr().out
+    bench = ["data", "bench-cache", "--manifest", str(manifest), "--model", "lexvla-tiny", "--limit", "3"]
+    assert run(bench) == 0
+    out = capsys.readouterr().out
+    assert "backbone every epoch: 3 pairs" in out and "cached epoch 1" in out
 
 
 def test_data_easyvqa_writes_manifest_and_masks(tmp_path, capsys):

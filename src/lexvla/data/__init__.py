@@ -22,6 +22,7 @@ from lexvla.data.easyvqa import (
 )
 from lexvla.data.loader import Batch, EpochSampler, PairCollator, build_dataloader
 from lexvla.data.sources import (
+    FirstPairs,
     HFDatasetSource,
     ImageLoadError,
     ManifestSource,
@@ -36,7 +37,7 @@ from lexvla.data.sources import (
 
 __all__ = [
     "COLOURS", "SHAPES", "ArrayStore", "Batch", "BuildResult", "CacheKey", "CachedPair", "CachedPairDataset",
-    "EasyVQAConfig", "EasyVQADataset", "EasyVQARecord", "EpochSampler", "HFDatasetSource", "ImageLoadError",
+    "EasyVQAConfig", "EasyVQADataset", "EasyVQARecord", "EpochSampler", "FirstPairs", "HFDatasetSource", "ImageLoadError",
     "ManifestSource", "Pair", "PairCollator", "PairRecord", "SkipStats", "Skipped", "TarShardSource",
     "TextVectorCache", "analyse_shape_pixels", "build_cache", "build_dataloader", "build_feature_cache",
     "decode_image", "expand_shards", "load_easyvqa", "write_masks",

@@ -100,6 +100,50 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_cache(args: argparse.Namespace) -> int:
+    """One epoch with the backbone vs. epochs read from the feature cache (wall and CPU seconds)."""
+    import tempfile
+
+    import torch
+
+    from lexvla.data.cache import CachedPairDataset, build_feature_cache, module_fingerprint
+    from lexvla.data.loader import build_dataloader
+    from lexvla.data.sources import FirstPairs
+    from lexvla.models import get_config
+    from lexvla.models.backbones import create_backbone
+
+    source = source_from_args(args)
+    if args.limit:
+        if not hasattr(source, "pair_record"):
+            raise ValueError("--limit needs a map-style source (manifest, HF dataset, easy-vqa)")
+        source = FirstPairs(source, args.limit)
+    torch.manual_seed(args.seed)
+    backbone = create_backbone(get_config(args.model).backbone).eval()
+
+    def timed(loader: Any, fn: Any) -> tuple[float, float, int]:
+        wall, cpu, n = time.perf_counter(), time.process_time(), 0
+        with torch.no_grad():
+            for batch in loader:
+                n += len(fn(batch))
+        return time.perf_counter() - wall, time.process_time() - cpu, n
+
+    raw = timed(build_dataloader(source, args.batch_size, preprocess=backbone.preprocess),
+                lambda b: backbone(b.pixels))
+    _out(f"backbone every epoch: {raw[2]} pairs, wall {raw[0]:.1f}s ({raw[2] / raw[0]:.1f} pairs/s), "
+         f"cpu {raw[1]:.1f}s ({raw[2] / raw[1]:.1f} pairs/cpu-s)")
+    with tempfile.TemporaryDirectory() as root:
+        t0 = time.perf_counter()
+        res = build_feature_cache(root, source, backbone, backbone.preprocess, module_fingerprint(backbone),
+                                  repr(backbone.preprocess), batch_size=args.batch_size)
+        _out(f"cache build: {time.perf_counter() - t0:.1f}s, {len(res.store)} rows of {res.store.row_shape}")
+        cached_ds = CachedPairDataset(res.store)
+        for epoch in range(2):
+            c = timed(build_dataloader(cached_ds, args.batch_size, seed=epoch), lambda b: b.features)
+            _out(f"cached epoch {epoch}: wall {c[0]:.2f}s ({c[2] / c[0]:.0f} pairs/s, x{raw[0] / c[0]:.0f}), "
+                 f"cpu {c[1]:.2f}s ({c[2] / max(c[1], 1e-9):.0f} pairs/cpu-s, x{raw[1] / max(c[1], 1e-9):.0f})")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     data = subparsers.add_parser("data", help="datasets: easy-vqa, source checks, feature caches")
     sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
@@ -125,3 +169,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="torch seed before building a random-init backbone")
     p.set_defaults(func=_cache)
+
+    p = sub.add_parser("bench-cache", help="time an epoch with the backbone vs. from the feature cache")
+    add_source_arguments(p)
+    p.add_argument("--model", default="lexvla-embedded", help="zoo name whose backbone to run")
+    p.add_argument("--limit", type=int, default=256, help="first N pairs of the source (0 = all)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_bench_cache)

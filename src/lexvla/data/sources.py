@@ -256,6 +256,25 @@ class _MapSourceBase:
         return records
 
 
+class FirstPairs(_MapSourceBase):
+    """The first ``n`` pairs of a map-style source (quick runs and benchmarks); shares its stats."""
+
+    def __init__(self, source: MapPairSource, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"FirstPairs needs n >= 1, got {n}")
+        self.source = source
+        self.stats = source.stats
+        self._records = [source.pair_record(i) for i in range(min(n, len(source)))]
+
+    def __getitem__(self, index: int) -> Pair | Skipped:
+        if not 0 <= index < len(self._records):
+            raise IndexError(f"index {index} outside the first {len(self._records)} pairs")
+        return self.source[index]
+
+    def fingerprint(self) -> str:
+        return f"{self.source.fingerprint()}-first{len(self._records)}"
+
+
 # --------------------------------------------------------------------------------------------- manifest
 class ManifestSource(_MapSourceBase):
     """Pairs listed in a JSONL, CSV or TSV manifest; image paths relative to ``image_root``.
