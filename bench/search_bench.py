@@ -209,6 +209,32 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def prepare_sparse(args: argparse.Namespace, dim: int, tag: str, index_dir: Path
+                   ) -> tuple[sp.csr_matrix, sp.csr_matrix, dict]:
+    """Generate (or reuse) the documents and queries, and write the shared store once."""
+    docs = cached_collection(args.work, f"docs_{tag}", args.n_docs, dim, args.doc_words, args.zipf, seed=1)
+    queries = cached_collection(args.work, f"queries_{tag}_q{args.query_words}", args.n_queries, dim,
+                                args.query_words, args.zipf, seed=2)
+    logger.info("V=%d; docs %s nnz=%d; queries %s", dim, docs.shape, docs.nnz, queries.shape)
+    info_file = index_dir / "bench-store.json"
+    if info_file.is_file():
+        store_info = json.loads(info_file.read_text())
+    else:
+        shutil.rmtree(index_dir, ignore_errors=True)
+        vocab = Vocabulary([f"w{i}" for i in range(dim)], list(range(dim)), source="synthetic")
+        index = SparseIndex.create(index_dir, vocab, ModelRecord("synthetic", "synthetic", vocab.fingerprint(), dim),
+                                   SparsifySettings())
+        t0 = time.perf_counter()
+        for start in range(0, args.n_docs, 100_000):
+            stop = min(start + 100_000, args.n_docs)
+            index.add(docs[start:stop], [str(i) for i in range(start, stop)])
+        store_info = {"store_write_s": time.perf_counter() - t0, "store_bytes": index.store("images").disk_bytes()}
+        index.close()
+        info_file.write_text(json.dumps(store_info))
+    logger.info("store: %s", store_info)
+    return docs, queries, store_info
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-docs", type=int, default=1_000_000)
@@ -231,33 +257,17 @@ def main(argv: list[str] | None = None) -> int:
     dim, dim_source = (args.dim, "--dim") if args.dim else embedded_vocab_size()
     args.work.mkdir(parents=True, exist_ok=True)
     tag = f"n{args.n_docs}_v{dim}_a{args.doc_words}_z{args.zipf}"
-    docs = cached_collection(args.work, f"docs_{tag}", args.n_docs, dim, args.doc_words, args.zipf, seed=1)
-    queries = cached_collection(args.work, f"queries_{tag}_q{args.query_words}", args.n_queries, dim,
-                                args.query_words, args.zipf, seed=2)
-    logger.info("V=%d (%s); docs %s nnz=%d; queries %s", dim, dim_source, docs.shape, docs.nnz, queries.shape)
-
+    names = [b.strip() for b in args.backends.split(",") if b.strip()]
+    sparse_needed = any(n != "faiss" for n in names)
+    docs = queries = store_info = None
     index_dir = args.work / f"index_{tag}"
-    info_file = index_dir / "bench-store.json"
-    if info_file.is_file():
-        store_info = json.loads(info_file.read_text())
-    else:
-        shutil.rmtree(index_dir, ignore_errors=True)
-        vocab = Vocabulary([f"w{i}" for i in range(dim)], list(range(dim)), source="synthetic")
-        index = SparseIndex.create(index_dir, vocab, ModelRecord("synthetic", "synthetic", vocab.fingerprint(), dim),
-                                   SparsifySettings())
-        t0 = time.perf_counter()
-        for start in range(0, args.n_docs, 100_000):
-            stop = min(start + 100_000, args.n_docs)
-            index.add(docs[start:stop], [str(i) for i in range(start, stop)])
-        store_info = {"store_write_s": time.perf_counter() - t0, "store_bytes": index.store("images").disk_bytes()}
-        index.close()
-        info_file.write_text(json.dumps(store_info))
-    logger.info("store: %s", store_info)
+    truth_file = args.work / f"truth_{tag}_q{args.query_words}.npy"
+    if sparse_needed:
+        docs, queries, store_info = prepare_sparse(args, dim, tag, index_dir)
 
     results = json.loads(args.out.read_text())["results"] if args.out.is_file() else []
-    logger.info("load average before the backends: %s", os.getloadavg())
-    truth_file = args.work / f"truth_{tag}_q{args.query_words}.npy"
-    for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
+    logger.info("V=%d (%s); load average before the backends: %s", dim, dim_source, os.getloadavg())
+    for name in names:
         gc.collect()
         t0 = time.perf_counter()
         try:

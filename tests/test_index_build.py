@@ -143,8 +143,8 @@ def test_cli_build_search_add_delete_info(tmp_path, data, capsys):
     report = json.loads(out)
     assert report["images_added"] + report["n_skipped"] == 3
     res = json.loads(run_cli(["search", idx, "a blue triangle", "-k", "2", "--json"], capsys))
-    assert 1 <= len(res["hits"]) <= 2
-    for h in res["hits"]:
+    assert list(res["results"]) == ["images"] and 1 <= len(res["results"]["images"]) <= 2
+    for h in res["results"]["images"]:
         assert sum(w["contribution"] for w in h["words"]) == pytest.approx(h["score"], rel=1e-9)
     text = run_cli(["search", idx, "--image", str(images / "red.png"), "--target", "texts", "-k", "3"], capsys)
     assert text.splitlines()[0].lstrip().startswith("1 ") and "captions:" in text
@@ -154,5 +154,7 @@ def test_cli_build_search_add_delete_info(tmp_path, data, capsys):
     assert info["model"]["name"] == "lexvla-tiny"
     run_cli(["index", "delete", idx, "red.png"], capsys)
     res = json.loads(run_cli(["search", idx, "--image", str(images / "red.png"), "-k", "10", "--json"], capsys))
-    assert "red.png" not in {h["id"] for h in res["hits"]}
+    assert set(res["results"]) == {"images", "texts"}  # an image query also searches the captions
+    assert "red.png" not in {h["id"] for h in res["results"]["images"]}
+    assert len(res["results"]["texts"]) == len(CAPTIONS)
     assert "items" in run_cli(["index", "info", idx], capsys)

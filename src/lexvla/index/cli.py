@@ -157,27 +157,36 @@ def _search(args: argparse.Namespace) -> int:
     if (args.query is None) == (args.image is None):
         raise ValueError("search: give either a text query or --image (not both)")
     index = SparseIndex.open(args.index, backend=args.backend, backend_options=_backend_options(args))
+    results = {}
     with index:
-        target = args.target or "images"
-        if not index.has_collection(target):
-            hint = " (build it with --captions)" if target == "texts" else ""
-            raise ValueError(f"the index {args.index} has no {target}{hint}")
+        if args.target:
+            targets = [args.target]
+        else:  # an image query also searches the captions when the index has them
+            targets = ["images"] + (["texts"] if args.image and index.has_collection("texts") else [])
+        for target in targets:
+            if not index.has_collection(target):
+                hint = " (build it with --captions)" if target == "texts" else ""
+                raise ValueError(f"the index {args.index} has no {target}{hint}")
         model = _load_model(_model_source(args.model) if args.model else index.model_source, Path(args.index))
         settings = {"threshold": args.query_threshold, "topk": args.query_topk}
-        if args.image:
-            hits = index.search_image(model, [args.image], k=args.k, collection=target, **settings)[0]
-        else:
-            hits = index.search_text(model, [args.query], k=args.k, collection=target, **settings)[0]
+        for target in targets:
+            if args.image:
+                results[target] = index.search_image(model, [args.image], k=args.k, collection=target, **settings)[0]
+            else:
+                results[target] = index.search_text(model, [args.query], k=args.k, collection=target, **settings)[0]
     if args.json:
-        _out(json.dumps({"query": args.query or args.image, "target": target, "backend": index.backend_name,
-                         "hits": [h.to_dict() for h in hits]}, indent=1))
+        _out(json.dumps({"query": args.query or args.image, "backend": index.backend_name,
+                         "results": {t: [h.to_dict() for h in hits] for t, hits in results.items()}}, indent=1))
         return 0
-    if not hits:
-        _out("no hits: the query shares no words with the indexed items")
-    for h in hits:
-        where = h.metadata.get("text") or h.metadata.get("path") or ""
-        label = h.id if not where or where.endswith(h.id) else f"{h.id}  {where}"
-        _out(f"{h.rank:3d}  {h.score:.4f}  {label}\n       {h.explanation.summary(args.words)}")
+    for target, hits in results.items():
+        if len(results) > 1:
+            _out(f"-- {target}")
+        if not hits:
+            _out("no hits: the query shares no words with the indexed items")
+        for h in hits:
+            where = h.metadata.get("text") or h.metadata.get("path") or ""
+            label = h.id if not where or where.endswith(h.id) else f"{h.id}  {where}"
+            _out(f"{h.rank:3d}  {h.score:.4f}  {label}\n       {h.explanation.summary(args.words)}")
     return 0
 
 
@@ -228,7 +237,8 @@ def register(subparsers: Any) -> None:
     s.add_argument("index")
     s.add_argument("query", nargs="?", help="text query")
     s.add_argument("--image", help="image query (image -> images, or -> captions with --target texts)")
-    s.add_argument("--target", choices=("images", "texts"), help="collection to search (default: images)")
+    s.add_argument("--target", choices=("images", "texts"),
+                   help="collection to search (default: images; for --image also the captions, if indexed)")
     s.add_argument("-k", type=int, default=10, help="number of hits")
     s.add_argument("--model", help="default: the model the index records")
     s.add_argument("--words", type=int, default=5, help="contributing words shown per hit")
