@@ -133,3 +133,21 @@ def test_cli_registers_train(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     args = parser.parse_args(["train", "--resume", "steps=4", "--print-config"])
     assert args.func(args) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 4
+
+
+def test_backbone_fingerprint_follows_weights_only() -> None:
+    """The feature-cache key: same for equal backbones, different when a weight or buffer changes
+    (VGG's BatchNorm holds 0-dim buffers, which must hash too)."""
+    from lexvla.config import BackboneConfig
+    from lexvla.models.backbones import create_backbone
+    from lexvla.train.data import backbone_fingerprint
+
+    cfg = BackboneConfig(name="vgg16bn", source="random", image_size=32, taps=(5,))
+    torch.manual_seed(0)
+    a = create_backbone(cfg)
+    torch.manual_seed(0)
+    b = create_backbone(cfg)
+    assert backbone_fingerprint(a) == backbone_fingerprint(b)
+    with torch.no_grad():
+        b.features[1].running_mean[0] += 1.0
+    assert backbone_fingerprint(a) != backbone_fingerprint(b)

@@ -10,6 +10,7 @@ DataLoader workers; a resumed stream is re-read and the consumed batches are dro
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -101,12 +102,13 @@ def build_source(cfg: DataSection, ctx: SourceContext) -> Any:
 
 
 # ------------------------------------------------------------------------------------------- cache keys
-def backbone_fingerprint(model: Any) -> str:
-    """Identity of the frozen backbone: its config and a hash of its weights (never the trained parts)."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict()["backbone"], sort_keys=True).encode())
-    for name, t in sorted(model.backbone.state_dict().items()):
+def backbone_fingerprint(backbone: Any) -> str:
+    """Identity of a frozen backbone (``model.backbone``): its config and a hash of its weights and
+    buffers; the trained parts of the model never enter it, so the feature cache outlives training."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(backbone.cfg), sort_keys=True).encode())
+    for name, t in sorted(backbone.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -177,7 +179,7 @@ class TrainStream:
     # ------------------------------------------------------------------ caches
     def _feature_dataset(self, source: Any, model: Any) -> CachedPairDataset:
         root = _cache_root(self.cfg.feature_cache, "features")
-        key = backbone_fingerprint(model)
+        key = backbone_fingerprint(model.backbone)
 
         def build():
             return build_feature_cache(root, source, model.image_features, model.preprocess, backbone=key,
