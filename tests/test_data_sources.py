@@ -185,6 +185,8 @@ def test_tar_source_stats_brace_pattern_and_repeat(tmp_path):
     assert src.stats.seen == len(good) + len(bad) and src.stats.yielded == len(good)
     assert src.stats.counts == Counter(bad.values())
     assert {i.id for i in items if isinstance(i, Pair)} == good
+    png_pair = next(i for i in items if isinstance(i, Pair) and int(i.id) % 2 == 0)  # even keys are PNGs
+    assert png_pair.image.getpixel((0, 0)) == (200, 30, 30) and png_pair.image.size == (12, 10)
     quiet = TarShardSource(shards, yield_skips=False)
     assert all(isinstance(i, Pair) for i in quiet) and quiet.stats.skipped == len(bad)
     looping = TarShardSource(shards, repeat=True, shuffle_shards=True, seed=3)
