@@ -131,7 +131,8 @@ def test_feature_cache_from_streamed_tar_shards(tmp_path):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    src = TarShardSource([str(tmp_path / "s.tar")])
+    # a training stream of rank 1 of 2 that repeats endlessly: the cache still reads every sample, once
+    src = TarShardSource([str(tmp_path / "s.tar")], rank=1, world_size=2, repeat=True)
     res = build_feature_cache(tmp_path / "c", src, CountingBackbone(), PREP, backbone="b", preprocessing="p")
     ds = CachedPairDataset(res.store)
     assert len(ds) == 5 and {ds[i].caption for i in range(5)} == {f"red {i}" for i in range(5)}

@@ -336,7 +336,8 @@ def pair_items(source: Any) -> Iterator[PairItem | Skipped]:
     """Items for an image cache from any pair source.
 
     Map-style sources (with ``pair_record``) give records without decoding, so a resumed build decodes
-    only images that are not cached yet; iterable sources are read as they stream.
+    only images that are not cached yet; tar streams are read once, whole (``iter_all``): the cache holds
+    the dataset, and every rank then samples its share of it.
     """
     if hasattr(source, "pair_record") and hasattr(source, "__len__"):
         for i in range(len(source)):
@@ -348,7 +349,9 @@ def pair_items(source: Any) -> Iterator[PairItem | Skipped]:
 
             yield PairItem(rec, load)
         return
-    for item in source:
+    # a tar stream is read whole (not just this rank's share, and once even when it repeats endlessly)
+    stream = source.iter_all() if hasattr(source, "iter_all") else iter(source)
+    for item in stream:
         if isinstance(item, Skipped):
             yield item
             continue

@@ -501,26 +501,33 @@ class TarShardSource(IterableDataset):
     def __iter__(self) -> Iterator[Pair | Skipped]:
         epoch = self.epoch
         while True:
-            shards, stride, offset = self._assignment(epoch)
-            counter = 0
-            for shard in shards:
-                for key, members in self._samples(shard):
-                    keep = counter % stride == offset
-                    counter += 1
-                    if not keep:
-                        continue
-                    self.stats.seen += 1
-                    item = self._to_pair(key, members, shard)
-                    if isinstance(item, Pair):
-                        self.stats.yielded += 1
-                        yield item
-                    elif self.yield_skips:
-                        yield item
+            yield from self._pass(*self._assignment(epoch))
             if self.stats.skipped:
                 logger.info("%s", self.stats.report())
             if not self.repeat:
                 return
             epoch += 1
+
+    def iter_all(self) -> Iterator[Pair | Skipped]:
+        """One pass over every sample of every shard in listed order, whatever the rank, worker, shuffle
+        and repeat settings: what a cache of the whole dataset (built once, shared by all ranks) reads."""
+        yield from self._pass(list(self.shards), 1, 0)
+
+    def _pass(self, shards: list[str], stride: int, offset: int) -> Iterator[Pair | Skipped]:
+        counter = 0
+        for shard in shards:
+            for key, members in self._samples(shard):
+                keep = counter % stride == offset
+                counter += 1
+                if not keep:
+                    continue
+                self.stats.seen += 1
+                item = self._to_pair(key, members, shard)
+                if isinstance(item, Pair):
+                    self.stats.yielded += 1
+                    yield item
+                elif self.yield_skips:
+                    yield item
 
     def _samples(self, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         """Group consecutive members by key; a damaged shard is counted and abandoned, not fatal."""
