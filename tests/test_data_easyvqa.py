@@ -109,6 +109,9 @@ def test_captions_name_colour_and_shape(test_split):
     pair = test_split[3]
     assert pair.caption in test_split.records[0].captions and pair.image.size == (64, 64)
     assert len(load_easyvqa("test", caption_mode="first")) == len(test_split.records)
+    head = test_split.head(5)
+    assert head.records == test_split.records[:5] and len(head) == 5 * len(templates)
+    assert head.recovery is test_split.recovery
     with pytest.raises(ValueError, match="caption template"):
         EasyVQAConfig(templates=("a {colour} thing",))
 

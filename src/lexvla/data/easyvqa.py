@@ -391,6 +391,10 @@ class EasyVQADataset:
     def __len__(self) -> int:
         return len(self._index)
 
+    def head(self, n: int) -> EasyVQADataset:
+        """The same split restricted to its first ``n`` images (quick runs); recovery counts are shared."""
+        return EasyVQADataset(self.records[:n], self.recovery, self.config, self.split, self.caption_mode)
+
     def record_for(self, index: int) -> tuple[EasyVQARecord, int]:
         r, t = self._index[index]
         return self.records[r], t
