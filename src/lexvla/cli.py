@@ -11,6 +11,7 @@ import sys
 COMMAND_MODULES = (
     "lexvla.commands",  # encode, words, models
     "lexvla.demo",
+    "lexvla.data.cli",
     "lexvla.train.cli",
     "lexvla.eval.cli",
     "lexvla.index.cli",
