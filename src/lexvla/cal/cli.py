@@ -41,6 +41,8 @@ def register(subparsers) -> None:
     src = t.add_mutually_exclusive_group(required=True)
     src.add_argument("--manifest", help="JSONL: {image, question, answer} or {image, caption} per line")
     src.add_argument("--easy-vqa", action="store_true", help="easy-vqa's train questions (pip package easy-vqa)")
+    src.add_argument("--easy-vqa-captions", action="store_true",
+                     help="captions 'a {colour} {shape}' recovered from easy-vqa's train questions")
     t.add_argument("--max-images", type=int, default=None, help="easy-vqa: seeded subset of images")
     t.add_argument("--questions-per-image", type=int, default=None, help="easy-vqa: questions kept per image")
     t.add_argument("--noise", type=float, default=0.0, help="easy-vqa: fraction of answers replaced by wrong ones")
@@ -100,6 +102,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.manifest:
         examples = read_manifest(args.manifest)
+    elif args.easy_vqa_captions:
+        from lexvla.cal.experiment import caption_examples
+
+        examples = caption_examples(easy_vqa_examples("train", args.max_images, None, seed=args.seed))
     else:
         examples = easy_vqa_examples("train", args.max_images, args.questions_per_image, seed=args.seed)
         examples = inject_label_noise(examples, args.noise, seed=args.seed)

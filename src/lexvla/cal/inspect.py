@@ -137,8 +137,9 @@ def render_png(rows: Sequence[TokenCorrelation], path: str | Path, image=None, t
     for y, row in enumerate(rows):
         for x, (tok, v) in enumerate(zip(row.tokens, row.logit_diff, strict=True)):
             ax.add_patch(plt.Rectangle((x + 0.04, y + 0.1), 0.92, 0.8, color=_colour(v, scale)))
-            ax.text(x + 0.5, y + 0.42, tok.strip() or "␣", ha="center", va="center", fontsize=12)
-            ax.text(x + 0.5, y + 0.75, f"{v:+.1f}", ha="center", va="center", fontsize=8, color="#222")
+            ink = "white" if abs(v) > 0.6 * scale else "black"  # dark cells at both ends of the colour map
+            ax.text(x + 0.5, y + 0.42, tok.strip() or "␣", ha="center", va="center", fontsize=12, color=ink)
+            ax.text(x + 0.5, y + 0.75, f"{v:+.1f}", ha="center", va="center", fontsize=8, color=ink)
     cax = fig.add_axes((0.89, 0.12, 0.02, 0.76))
     sm = plt.cm.ScalarMappable(cmap="RdYlGn", norm=Normalize(-scale, scale))
     fig.colorbar(sm, cax=cax, label="logit diff")

@@ -214,7 +214,7 @@ def train_stage(model: SmallVLM, examples: Sequence[VLMExample], features: dict[
             accelerator.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        last = float(out.loss)
+        last = float(out.loss.detach())
         if not math.isfinite(last):
             raise FloatingPointError(f"non-finite loss at step {step} of stage {config.stage}")
         bar.set_postfix(loss=f"{last:.3f}")
