@@ -27,6 +27,7 @@ if not (CHROMIUM and CHROMEDRIVER):
                 "(apt-get install -y chromium chromium-driver)", allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
@@ -123,12 +124,16 @@ def test_search_results_and_explanation_in_a_real_browser(server, browser):
 
     # search by image: the upload goes through the same validation as the API
     browser.find_element(By.ID, "upload").send_keys(str(root / "images" / "blue-square.png"))
-    wait.until(EC.text_to_be_present_in_element((By.ID, "status"), "image blue-square.png"))
+    wait.until(EC.text_to_be_present_in_element((By.ID, "status"), "4 of 4 images for image blue-square.png"))
     assert len(browser.find_elements(By.CSS_SELECTOR, "#results .tile")) == 4
 
     # a rejected upload shows the server's message instead of results
     bad = root / "not-an-image.png"
     bad.write_bytes(b"plain text pretending to be a picture")
     browser.find_element(By.ID, "upload").send_keys(str(bad))
-    wait.until(EC.text_to_be_present_in_element((By.ID, "status"), "415"))
-    assert "not an image" in browser.find_element(By.ID, "status").text
+    status = browser.find_element(By.ID, "status")
+    try:
+        wait.until(lambda d: "415" in status.text)
+    except TimeoutException:
+        pytest.fail(f"no 415 in the status line: {status.text!r}")
+    assert "not an image" in status.text

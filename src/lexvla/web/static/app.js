@@ -3,6 +3,7 @@
 
 const $ = (id) => document.getElementById(id);
 let lastTextQuery = null; // the heat map in the detail view is for the last *text* query
+let searchSeq = 0; // only the latest search may update the page (responses can arrive out of order)
 
 function el(tag, props = {}, children = []) {
   const node = document.createElement(tag);
@@ -82,26 +83,33 @@ async function searchText(q) {
   q = q.trim();
   if (!q) return;
   setStatus("searching...");
+  const seq = ++searchSeq;
   try {
     const data = await api(`/api/search?${new URLSearchParams({ q })}`);
+    if (seq !== searchSeq) return;
     lastTextQuery = q;
     history.replaceState(null, "", `?${new URLSearchParams({ q })}`);
     renderResults(data);
-  } catch (err) { setStatus(err.message, true); }
+  } catch (err) { if (seq === searchSeq) setStatus(err.message, true); }
 }
 
 async function searchImage(file) {
   setStatus(`searching by image ${file.name}...`);
   const form = new FormData();
   form.append("file", file);
+  const seq = ++searchSeq;
   try {
     const data = await api("/api/search/image", { method: "POST", body: form });
+    if (seq !== searchSeq) return;
     lastTextQuery = null;
     renderResults(data);
-  } catch (err) { setStatus(err.message, true); }
+  } catch (err) { if (seq === searchSeq) setStatus(err.message, true); }
 }
 
+let detailSeq = 0;
+
 async function openDetail(id) {
+  const seq = ++detailSeq;
   const params = { id };
   if (lastTextQuery) params.q = lastTextQuery;
   $("detail-title").textContent = id;
@@ -112,6 +120,7 @@ async function openDetail(id) {
   $("detail").hidden = false;
   try {
     const ex = await api(`/api/explain?${new URLSearchParams(params)}`);
+    if (seq !== detailSeq) return; // another image was opened meanwhile
     $("detail-image").src = ex.image_url;
     $("detail-wordcloud").src = ex.wordcloud_url;
     $("detail-patches").src = ex.patches_url;
@@ -126,7 +135,7 @@ async function openDetail(id) {
         el("thead", {}, [el("tr", {}, [el("th", { text: "shared word" }), el("th", { text: "image x query" })])]),
         el("tbody", {}, rows)]));
     }
-  } catch (err) { $("detail-summary").textContent = err.message; }
+  } catch (err) { if (seq === detailSeq) $("detail-summary").textContent = err.message; }
 }
 
 function closeDetail() { $("detail").hidden = true; }
