@@ -235,3 +235,20 @@ def test_cli_inspect_writes_heat_map(tmp_path, images, capsys, parts):
     rows = [json.loads(x) for x in (tmp_path / "rank.jsonl").read_text().splitlines()]
     assert rc == 0 and len(rows) == 4
     assert [r["logit_diff"] for r in rows] == sorted(r["logit_diff"] for r in rows)
+
+
+def test_experiment_helpers_and_report(tmp_path):
+    from lexvla.cal.experiment import ExperimentConfig, caption_examples, question_only_accuracy, write_report
+
+    qa = [VLMExample("a.png", "red", "what color is the shape?"), VLMExample("a.png", "circle", "what shape is present?"),
+          VLMExample("b.png", "triangle", "what is the blue shape?"), VLMExample("c.png", "no", "is there a circle?")]
+    assert caption_examples(qa) == [VLMExample("a.png", "a red circle"), VLMExample("b.png", "a blue triangle")]
+    test = [VLMExample("d.png", "red", "what color is the shape?"), VLMExample("d.png", "yes", "is there a circle?")]
+    assert question_only_accuracy(qa, test) == 0.5
+    with pytest.raises(ValueError, match="answer_kinds"):
+        ExperimentConfig(answer_kinds=("size",))
+    runs = [{"noise": n, "cal": c, "accuracy": 0.5 + 0.1 * c - n} for n in (0.0, 0.4) for c in (False, True)]
+    write_report({"runs": runs, "question_only_accuracy": 0.2, "total_seconds": 60}, tmp_path)
+    table = (tmp_path / "results.md").read_text()
+    assert "| 40% | 0.100 | 0.200 | +0.100 |" in table
+    assert (tmp_path / "accuracy_vs_noise.png").stat().st_size > 1000
