@@ -149,3 +149,12 @@ def test_multi_depth_vgg_taps_concatenate():
 
 def test_temperature_initialisation(tiny_model):
     assert math.isclose(float(tiny_model.logit_scale.detach().exp()), 1 / 0.07, rel_tol=1e-5)
+
+
+def test_untrained_zoo_model_is_deterministic_and_leaves_global_rng_alone(tiny_model):
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    again = lexvla.create_model("lexvla-tiny")
+    assert torch.equal(torch.rand(1), expected)  # construction did not consume the caller's RNG
+    assert again.fingerprint() == tiny_model.fingerprint()

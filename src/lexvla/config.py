@@ -117,6 +117,7 @@ class LexVLAConfig:
     mapper: MapperConfig = field(default_factory=MapperConfig)
     vocab: VocabularyFilter = field(default_factory=VocabularyFilter)
     init_temperature: float = 0.07
+    init_seed: int = 0  # seed of every random initialisation (adapter; random backbones and LLMs)
     # Train the visual codebook (paper) or keep it tied to the frozen text codebook.
     train_visual_codebook: bool = True
 

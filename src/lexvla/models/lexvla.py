@@ -34,6 +34,13 @@ class LexVLA(nn.Module):
 
     def __init__(self, config: LexVLAConfig, vocab: Vocabulary | None = None) -> None:
         super().__init__()
+        # Fixed seed for every random init (adapter, random backbones/LLMs), without touching the
+        # caller's RNG: an untrained zoo model is the same model (and fingerprint) in every process.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.init_seed)
+            self._build(config, vocab)
+
+    def _build(self, config: LexVLAConfig, vocab: Vocabulary | None) -> None:
         self.config = config
         llm, tokenizer = load_causal_lm(config.text.source, config.text.dtype, config.text.tokenizer,
                                         config.text.arch)

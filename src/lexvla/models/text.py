@@ -87,8 +87,7 @@ def load_causal_lm(source: str, dtype: torch.dtype | str = torch.float32, tokeni
     if source == "random":
         tok = load_tokenizer(tokenizer)
         cfg = LlamaConfig(**{"vocab_size": len(tok), "tie_word_embeddings": True, **(arch or {})})
-        torch.manual_seed(0)  # the same tiny model every time, so tests and fingerprints are stable
-        return LlamaForCausalLM(cfg).to(dtype), tok
+        return LlamaForCausalLM(cfg).to(dtype), tok  # seeded by LexVLA (init_seed)
     folder = resolve_local_or_hub(source, "LLM", LLM_HINT)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     from transformers import AutoTokenizer
