@@ -176,6 +176,27 @@ def test_add_and_delete(tmp_path, vocab, collection, backend):
         assert index.info().collections["images"]["items"] == N_DOCS - len(set(gone))
 
 
+def test_milvus_sync_resumes_without_duplicates(tmp_path, vocab, collection):
+    """A sync that died after inserting rows it had not yet recorded must not insert them twice."""
+    docs, queries = collection
+    make_index(tmp_path, vocab, docs[:200], shards=1).close()
+    milvus_or_skip(tmp_path)
+    with SparseIndex.open(tmp_path, backend="milvus", backend_options={"insert_batch": 50}) as index:
+        index.backend()
+        state_file = tmp_path / "images" / "milvus.json"
+        state = json.loads(state_file.read_text())
+        assert state["rows"] == 200
+        state_file.write_text(json.dumps({**state, "rows": 120}))  # as if the last flushes never happened
+    with SparseIndex.open(tmp_path, backend="milvus") as index:
+        hits = index.search_vectors(queries, k=K)
+        ref = dense_topk(queries, docs[:200]).indices.numpy()
+        for i, row in enumerate(hits):
+            ids = [h.id for h in row]
+            assert len(ids) == len(set(ids)) == K
+            assert [h.row for h in row] == ref[i].tolist()
+        assert json.loads(state_file.read_text())["rows"] == 200
+
+
 def test_wrong_model_is_refused(built, collection):
     _, queries = collection
     with SparseIndex.open(built) as index:

@@ -371,6 +371,7 @@ class MilvusOptions:
     inverted_index_algo: str = "DAAT_MAXSCORE"  # exact dynamic pruning
     drop_ratio_search: float = 0.0  # 0: use every query word (exact)
     insert_batch: int = 5000
+    flush_every: int = 50_000  # rows inserted between flushes (the resume points of an interrupted sync)
     search_batch: int = 200
 
     def __post_init__(self) -> None:
@@ -442,8 +443,10 @@ class MilvusBackend(SearchBackend):
             atomic_write_text(path, json.dumps(state))
         deleted = self.store.manifest.deleted
         n_rows = self.store.n_rows
-        changed = False
         if state["rows"] < n_rows:
+            # Rows past the recorded point may be half inserted by a run that died before its flush:
+            # remove them, so re-inserting cannot duplicate primary keys.
+            self._client.delete(self.collection, filter=f"id >= {int(state['rows'])}")
             alive = self.store.alive_mask()
             matrix = self.store.matrix()
             step = self.options.insert_batch
@@ -456,17 +459,17 @@ class MilvusBackend(SearchBackend):
                         if alive[start + i] and lengths[i] > 0]
                 if rows:
                     self._client.insert(self.collection, rows)
-                state["rows"] = stop
-                atomic_write_text(path, json.dumps(state))  # a crash mid-sync resumes from here
-            changed = True
+                if stop == n_rows or (stop - state["rows"]) >= self.options.flush_every:
+                    # Progress is recorded only once flushed (durable), so a crash resumes from here.
+                    self._client.flush(self.collection)
+                    state["rows"] = stop
+                    atomic_write_text(path, json.dumps(state))
         if state["deleted"] < len(deleted):
             new = [int(r) for r in deleted[state["deleted"]:]]
             self._client.delete(self.collection, ids=new)
+            self._client.flush(self.collection)
             state["deleted"] = len(deleted)
             atomic_write_text(path, json.dumps(state))
-            changed = True
-        if changed:
-            self._client.flush(self.collection)
         self._client.load_collection(self.collection)
 
     def search(self, queries: sp.csr_matrix, k: int) -> list[Candidates]:

@@ -303,9 +303,10 @@ class SparseIndex:
             return [[] for _ in range(q.shape[0])]
         candidates = self.backend(collection).search(q, k)
         matrix, items = store.matrix(), store.items()
+        alive = store.alive_mask() if store.manifest.deleted else None
         results = []
         for i, cand in enumerate(candidates):
-            rows = cand.rows
+            rows = cand.rows if alive is None else cand.rows[alive[cand.rows]]  # never show a deleted item
             if len(rows) == 0:
                 results.append([])
                 continue
