@@ -39,8 +39,8 @@ class Explanation:
         return self.words[:n]
 
     def summary(self, n: int = 5) -> str:
-        """``"dog 0.210, beach 0.104, ..."``: the ``n`` largest contributions, for display."""
-        return ", ".join(f"{w.word} {w.contribution:.3f}" for w in self.top(n))
+        """``"dog 0.21, beach 0.104, ..."``: the ``n`` largest contributions (3 significant digits)."""
+        return ", ".join(f"{w.word} {w.contribution:.3g}" for w in self.top(n))
 
 
 @dataclass
