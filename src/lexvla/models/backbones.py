@@ -137,7 +137,9 @@ class VGGBackbone(PatchBackbone):
     max_pretrained_tap = 39
 
     def __init__(self, cfg: BackboneConfig, pretrained: bool) -> None:
-        features = vgg16_bn_features()
+        with torch.random.fork_rng(devices=[]):  # random weights = f(config), see text.load_causal_lm
+            torch.manual_seed(0)
+            features = vgg16_bn_features()
         taps = cfg.taps or self.default_taps
         last = max(taps)
         limit = self.max_pretrained_tap if pretrained else len(features) - 1
@@ -195,7 +197,9 @@ class Dinov2Backbone(PatchBackbone):
 
         if cfg.source == "random":
             arch = {"image_size": cfg.image_size, **cfg.arch}
-            model = Dinov2Model(Dinov2Config(**arch))
+            with torch.random.fork_rng(devices=[]):  # random weights = f(config), see text.load_causal_lm
+                torch.manual_seed(0)
+                model = Dinov2Model(Dinov2Config(**arch))
         else:
             path = resolve_local_or_hub(cfg.source, "DINOv2 backbone", DINOV2_HINT)
             model = Dinov2Model.from_pretrained(path)

@@ -87,7 +87,11 @@ def load_causal_lm(source: str, dtype: torch.dtype | str = torch.float32, tokeni
     if source == "random":
         tok = load_tokenizer(tokenizer)
         cfg = LlamaConfig(**{"vocab_size": len(tok), "tie_word_embeddings": True, **(arch or {})})
-        return LlamaForCausalLM(cfg).to(dtype), tok  # seeded by LexVLA (init_seed)
+        # Random weights are a function of the config alone (seed 0, caller's RNG untouched): a
+        # checkpoint that does not store them (they are frozen) can rebuild them exactly.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return LlamaForCausalLM(cfg).to(dtype), tok
     folder = resolve_local_or_hub(source, "LLM", LLM_HINT)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     from transformers import AutoTokenizer
