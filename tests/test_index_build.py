@@ -125,6 +125,35 @@ def test_other_model_is_refused(tmp_path, model, data):
         build_index(other, images=[images / "blue.png"], out=tmp_path / "idx", progress=False)
 
 
+def test_build_from_tar_shards(tmp_path, model, data):
+    """WebDataset-style shards: images and their captions are indexed; a broken sample is reported."""
+    import io
+    import tarfile
+
+    images, _ = data
+    shard = tmp_path / "pairs-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        def put(name: str, payload: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+        for name in ("red", "blue", "yellow"):
+            path = next(images.rglob(f"{name}.png"))
+            put(f"{name}.png", path.read_bytes())
+            put(f"{name}.txt", f"a {name} square".encode())
+        put("broken.png", b"not an image")
+        put("broken.txt", b"a broken picture")
+    report = build_index(model, out=tmp_path / "idx", shards=str(shard), batch_size=2, progress=False)
+    assert report.images_added == 3 and report.captions_added == 3 and report.n_skipped == 1
+    again = build_index(model, out=tmp_path / "idx", shards=str(shard), batch_size=2, progress=False)
+    assert again.images_added == 0 and again.images_already_indexed == 3
+    with SparseIndex.open(tmp_path / "idx") as index:
+        hits = index.search_image(model, images / "blue.png", k=3, collection="texts")[0]
+        assert {h.metadata["text"] for h in hits} == {"a red square", "a blue square", "a yellow square"}
+        assert index.search_image(model, images / "blue.png", k=1)[0][0].id == "blue"
+
+
 def run_cli(argv: list[str], capsys) -> str:
     parser = argparse.ArgumentParser(prog="lexvla")
     register(parser.add_subparsers(dest="command"))

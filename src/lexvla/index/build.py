@@ -151,7 +151,7 @@ def build_index(model: Any, images: str | Path | Sequence[str | Path] | None = N
                 captions: str | Path | Sequence[str] | None = None, threshold: float | str | None = "auto",
                 topk: int | None = None, backend_options: dict | None = None, progress: bool = True,
                 on_batch: ProgressCallback | None = None, sync: bool = True,
-                model_source: str | None = None) -> BuildReport:
+                model_source: str | None = None, shards: str | Sequence[str] | None = None) -> BuildReport:
     """Encode ``images`` (folder, manifest or paths) and ``captions`` into the index at ``out``.
 
     Re-running with the same ``out`` continues an interrupted build (the index's model must match).
@@ -159,11 +159,13 @@ def build_index(model: Any, images: str | Path | Sequence[str | Path] | None = N
     the settings it started with. ``on_batch(collection, done, total)`` is called after each committed
     batch. ``sync``: build the backend's structures at the end (Seismic index, Milvus inserts).
     ``model_source``: zoo name or checkpoint folder recorded so later commands can reload the model.
+    ``shards``: WebDataset-style tar shards (``data/{00000..00099}.tar``) of image + caption samples: each
+    image goes to the images (id = sample key), each caption to the texts (id = pair id).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if images is None and captions is None:
-        raise ValueError("nothing to index: give images and/or captions")
+    if images is None and captions is None and shards is None:
+        raise ValueError("nothing to index: give images, captions and/or shards")
     import torch
     from tqdm.auto import tqdm
 
@@ -221,6 +223,8 @@ def build_index(model: Any, images: str | Path | Sequence[str | Path] | None = N
                 if on_batch is not None:
                     on_batch("texts", min(start + batch_size, len(todo)), len(todo))
             bar.close()
+        if shards is not None:
+            _index_shards(index, model, shards, batch_size, report, progress, on_batch)
         if sync:
             index.sync()
     except KeyboardInterrupt:
@@ -232,3 +236,63 @@ def build_index(model: Any, images: str | Path | Sequence[str | Path] | None = N
     if report.skipped:
         logger.warning("%d unreadable image(s) skipped (first: %s)", report.n_skipped, report.skipped[0].path)
     return report
+
+
+def _index_shards(index: SparseIndex, model: Any, shards: str | Sequence[str], batch_size: int,
+                  report: BuildReport, progress: bool, on_batch: ProgressCallback | None) -> None:
+    """Stream tar shards; encode images and captions not yet indexed, one committed batch at a time.
+
+    Re-running skips what is committed, but still reads (and decodes) the shards up to the first new
+    sample: tar files cannot be seeked by sample.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from lexvla.data.sources import Pair, TarShardSource
+
+    source = TarShardSource(shards, rank=0, world_size=1, name="index")
+    images, texts = index.store("images"), index.store("texts")
+    done_images, done_texts = images.live_ids(), texts.live_ids()
+    bar = tqdm(desc="shards", unit="pair", disable=not progress)
+    batch: list[Pair] = []
+    done = 0
+
+    def commit() -> None:
+        new_images: dict[str, Pair] = {}
+        for p in batch:
+            if p.image_id not in done_images and p.image_id not in new_images:
+                new_images[p.image_id] = p
+        new_texts = [p for p in batch if p.id not in done_texts]
+        with torch.no_grad():
+            if new_images:
+                vectors = model.encode_image([p.image for p in new_images.values()]).vectors
+                index.add(vectors, [{"id": k, "source": "tar"} for k in new_images], "images")
+                done_images.update(new_images)
+                report.images_added += len(new_images)
+            if new_texts:
+                vectors = model.encode_text([p.caption for p in new_texts]).vectors
+                index.add(vectors, [{"id": p.id, "text": p.caption, "image": p.image_id} for p in new_texts], "texts")
+                done_texts.update(p.id for p in new_texts)
+                report.captions_added += len(new_texts)
+        batch.clear()
+        if on_batch is not None:
+            on_batch("shards", done, 0)
+
+    for item in source.iter_all():
+        bar.update(1)
+        if not isinstance(item, Pair):
+            report.skipped.append(SkippedItem(item.id, "", item.reason))
+            continue
+        done += 1
+        if item.image_id in done_images and item.id in done_texts:
+            report.images_already_indexed += 1
+            continue
+        batch.append(item)
+        if len(batch) >= batch_size:
+            commit()
+    if batch:
+        commit()
+    bar.close()
+    # Unreadable shards are counted by the source, not yielded as markers.
+    for shard_id in source.stats.examples.get("unreadable_shard", []):
+        report.skipped.append(SkippedItem(shard_id, shard_id.split("@")[0], "unreadable_shard"))

@@ -91,6 +91,8 @@ def _print_report(report, as_json: bool) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
+    if args.images is None and args.captions is None and args.shards is None:
+        raise ValueError("index build: give --images, --captions and/or --shards")
     from lexvla.index.build import build_index
     from lexvla.index.core import INDEX_FILE, SparseIndex
 
@@ -103,7 +105,7 @@ def _build(args: argparse.Namespace) -> int:
     report = build_index(model, images=args.images, out=out, backend=args.backend, batch_size=args.batch_size,
                          captions=args.captions, threshold=args.threshold, topk=args.topk,
                          backend_options=_backend_options(args), progress=not args.no_progress,
-                         model_source=_model_source(source))
+                         model_source=_model_source(source), shards=args.shards)
     _print_report(report, args.json)
     return 0
 
@@ -113,12 +115,13 @@ def _add(args: argparse.Namespace) -> int:
     from lexvla.index.core import SparseIndex
 
     index = SparseIndex.open(args.index)
-    if args.images is None and args.captions is None:
-        raise ValueError("index add: give --images and/or --captions")
+    if args.images is None and args.captions is None and args.shards is None:
+        raise ValueError("index add: give --images, --captions and/or --shards")
     model = _load_model(_model_source(args.model) if args.model else index.model_source, Path(args.index))
     report = build_index(model, images=args.images, out=args.index, backend=index.backend_name,
                          batch_size=args.batch_size, captions=args.captions,
-                         backend_options=_backend_options(args), progress=not args.no_progress)
+                         backend_options=_backend_options(args), progress=not args.no_progress,
+                         shards=args.shards)
     _print_report(report, args.json)
     return 0
 
@@ -199,6 +202,7 @@ def register(subparsers: Any) -> None:
     b.add_argument("--model", help="zoo name or checkpoint folder (default: the index's, else lexvla-embedded)")
     b.add_argument("--images", help="image folder, manifest (.txt / .jsonl) or a single image")
     b.add_argument("--captions", help="captions for image->text search: .txt (one a line) or .jsonl")
+    b.add_argument("--shards", help="WebDataset tar shards of image + caption samples, e.g. 'data/{00000..00099}.tar'")
     b.add_argument("--out", required=True, help="index folder")
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--threshold", type=_threshold, default="auto",
@@ -213,6 +217,7 @@ def register(subparsers: Any) -> None:
     a.add_argument("index")
     a.add_argument("--images")
     a.add_argument("--captions")
+    a.add_argument("--shards")
     a.add_argument("--model", help="default: the model the index records")
     a.add_argument("--batch-size", type=int, default=32)
     a.add_argument("--no-progress", action="store_true")
