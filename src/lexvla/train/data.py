@@ -136,8 +136,10 @@ class TrainStream:
     Text vectors come from the text cache when one is configured (``Batch`` + ``text_vectors``).
     """
 
-    def __init__(self, cfg: DataSection, model: Any, accelerator: Any, seed: int, log_dir: str | None = None) -> None:
+    def __init__(self, cfg: DataSection, model: Any, accelerator: Any, seed: int, log_dir: str | None = None,
+                 progress: bool = False) -> None:
         self.cfg = cfg
+        self.progress = progress  # a bar while the feature cache is computed
         self.acc = accelerator
         self.seed = seed
         world, rank = accelerator.num_processes, accelerator.process_index
@@ -182,8 +184,14 @@ class TrainStream:
         key = backbone_fingerprint(model.backbone)
 
         def build():
-            return build_feature_cache(root, source, model.image_features, model.preprocess, backbone=key,
-                                       preprocessing=repr(model.preprocess), dtype=self.cfg.cache_dtype)
+            from tqdm.auto import tqdm
+
+            n = len({r.image_id for r in source.pair_records()}) if hasattr(source, "pair_records") else None
+            with tqdm(total=n, desc="feature cache", unit="img", dynamic_ncols=True,
+                      disable=not (self.progress and self.acc.is_main_process)) as bar:
+                return build_feature_cache(root, source, model.image_features, model.preprocess, backbone=key,
+                                           preprocessing=repr(model.preprocess), dtype=self.cfg.cache_dtype,
+                                           progress=lambda done: bar.update(done - bar.n))
 
         # The main process computes; the others then find the finished cache.
         with self.acc.main_process_first():

@@ -123,7 +123,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, model: Any = None)
     acc.wait_for_everyone()
     set_seed(cfg.seed)  # identical initialisation on every rank
     model = build_model(cfg) if model is None else model.train()
-    stream = TrainStream(cfg.data, model, acc, cfg.seed, log_dir=str(out_dir / "skips"))
+    stream = TrainStream(cfg.data, model, acc, cfg.seed, log_dir=str(out_dir / "skips"), progress=cfg.progress)
     total_steps = _total_steps(cfg, stream)
     optimizer, groups = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
