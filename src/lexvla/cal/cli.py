@@ -83,6 +83,7 @@ def register(subparsers) -> None:
     e.add_argument("--finetune-steps", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=None)
     e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--seed", type=int, default=None, help="data subset, label noise and initialisation seed")
     e.add_argument("--smoothing", default=None, help="CAL smoothing mode (default: flattened, official)")
     e.add_argument("--report-only", action="store_true", help="redraw table and plot from results.json")
     e.set_defaults(func=cmd_experiment)
@@ -184,7 +185,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     overrides = {"noise_rates": tuple(args.noise) if args.noise else None, "train_images": args.train_images,
                  "test_images": args.test_images, "llm_layers": args.llm_layers,
                  "pretrain_steps": args.pretrain_steps, "finetune_steps": args.finetune_steps,
-                 "batch_size": args.batch_size, "threads": args.threads}
+                 "batch_size": args.batch_size, "threads": args.threads, "seed": args.seed}
     cfg = ExperimentConfig(**{k: v for k, v in overrides.items() if v is not None})
     if args.smoothing:
         cfg = dataclasses.replace(cfg, cal=dataclasses.replace(cfg.cal, smoothing=args.smoothing))
