@@ -231,6 +231,7 @@ class SeismicOptions:
     centroid_fraction: float = 0.1
     summary_energy: float = 0.4
     min_cluster_size: int = 2
+    doc_cut: int = 15  # words per document used to assign it to a cluster while building (Seismic's default)
     query_cut: int | None = None
     heap_factor: float = 0.9
     num_threads: int = 0  # 0: Rayon's default (all cores)
@@ -275,7 +276,7 @@ class SeismicBackend(SearchBackend):
         o = self.options
         n_postings = o.n_postings or max(1000, int(np.ceil(nnz / self.store.dim)))
         return {"n_postings": int(n_postings), "centroid_fraction": o.centroid_fraction,
-                "summary_energy": o.summary_energy, "min_cluster_size": o.min_cluster_size}
+                "summary_energy": o.summary_energy, "min_cluster_size": o.min_cluster_size, "doc_cut": o.doc_cut}
 
     def sync(self) -> None:
         alive = self.store.alive_mask()
