@@ -173,6 +173,9 @@ class SparseIndex:
         path.mkdir(parents=True, exist_ok=True)
         vocab.save(path / VOCAB_FILE)
         saved_options = {k: v for k, v in (backend_options or {}).items() if k != "token" and v is not None}
+        if isinstance(saved_options.get("uri"), str) and "://" not in saved_options["uri"]:
+            # a Milvus Lite file given relative to the current folder must still be found from elsewhere
+            saved_options["uri"] = str(Path(saved_options["uri"]).expanduser().resolve())
         meta = {"format": INDEX_FORMAT, "uid": uuid.uuid4().hex[:12], "model": asdict(model),
                 "sparsify": asdict(sparsify or SparsifySettings()), "backend": backend,
                 "backend_options": {backend: saved_options}, "model_source": model_source}
