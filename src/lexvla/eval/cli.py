@@ -48,7 +48,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _retrieval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, choices=sorted(RETRIEVAL_DATASETS))
-    p.add_argument("--captions-per-image", type=int, default=5, help="first N captions per image (0 = all)")
+    p.add_argument("--captions-per-image", type=int, default=5, help="first N captions per image (0 = all; Karpathy sets and manifests)")
     p.add_argument("--lowercase", action="store_true", help="lower-case captions (default: kept as written)")
     p.add_argument("--ties", default="pessimistic", choices=TIE_RULES)
     p.add_argument("--no-cache", action="store_true", help="always re-encode (no vector cache)")

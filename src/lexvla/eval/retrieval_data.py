@@ -320,7 +320,8 @@ def easy_vqa(config: RetrievalDataConfig) -> RetrievalSet:
     """easy-vqa toy set (``lexvla.data.easyvqa``): a match = same colour and same shape.
 
     Captions come from the templates; identical captions are kept once (a duplicate query would only
-    weight its class twice), so each image has ``len(templates)`` positive texts.
+    weight its class twice), so each image has ``len(templates)`` positive texts. All templates are
+    used: ``captions_per_image`` (a Karpathy setting) does not apply here.
     """
     from ..data.easyvqa import load_easyvqa
 
@@ -331,7 +332,7 @@ def easy_vqa(config: RetrievalDataConfig) -> RetrievalSet:
     classes = {c: i for i, c in enumerate(sorted({(r.colour, r.shape) for r in records}))}
     texts: dict[str, int] = {}
     for r in records:
-        for cap in r.captions[: config.captions_per_image or None]:
+        for cap in r.captions:
             texts.setdefault(clean_caption(cap, config.lowercase), classes[(r.colour, r.shape)])
     protocol = {
         "source": "easy-vqa (lexvla.data.easyvqa)",
