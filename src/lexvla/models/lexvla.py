@@ -140,7 +140,8 @@ class LexVLA(nn.Module):
     # ---------------------------------------------------------------- checkpoints
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what training changes: adapter, visual codebook, LoRA, temperature."""
-        return {n: p.detach().cpu().contiguous() for n, p in self.named_parameters() if p.requires_grad}
+        # clone: a snapshot must not change as training goes on (on CPU .cpu() shares storage)
+        return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
