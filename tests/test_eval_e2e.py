@@ -121,6 +121,7 @@ def test_patchdis_end_to_end(tmp_path, model):
     res = evaluate_patchdis(model, data, PatchDisConfig(progress=False, figures=1), out_dir=tmp_path / "out")
     assert 0.0 <= res.miou <= 1.0 and res.grid == (4, 4)
     assert res.scored_classes == ["cat", "dog"] and res.iou["background"] is None  # background ignored
+    assert 0.0 <= res.localisation_auc <= 1.0
     assert res.num_pixels == 3 * 15 * 20  # only object pixels are scored
     assert len(res.figures) == 1 and (tmp_path / "out").joinpath(res.figures[0].split("/")[-1]).is_file()
     with_bg = evaluate_patchdis(model, data, PatchDisConfig(progress=False, figures=0, background="class"))

@@ -142,3 +142,20 @@ def test_sparsification_and_stats():
     share = np.array([1.0, 1.0, 1.0, 0.5])
     assert s.flops == pytest.approx(float((share**2).sum()))
     assert s.mean_active == 3.5
+
+
+def test_localisation_auc_and_patch_object_share():
+    from lexvla.eval.patchdis import patch_object_share, separation_auc
+
+    rng = np.random.default_rng(1)
+    pos = rng.integers(0, 5, 30).astype(float)  # integer scores: many ties
+    neg = rng.integers(0, 4, 40).astype(float)
+    brute = np.mean([[1.0 if p > n else 0.5 if p == n else 0.0 for n in neg] for p in pos])
+    assert separation_auc(pos, neg) == pytest.approx(brute)
+    assert separation_auc(pos, np.array([])) is None
+    label = np.zeros((4, 4), np.int64)
+    label[:2, :2] = 3  # top-left patch all object
+    label[2:, 2:] = 255  # bottom-right patch all ignored
+    label[0, 2] = 1  # one of four pixels of the top-right patch
+    share = patch_object_share(label, (2, 2), background=0)
+    assert share[0] == 1.0 and share[1] == 0.25 and share[2] == 0.0 and np.isnan(share[3])

@@ -81,6 +81,10 @@ class PatchDisResult:
     background: str
     sparsification: dict[str, Any]
     grid: tuple[int, int] | None
+    # Do patches localise? ROC AUC of the best class score, patches mostly on objects (>= half their
+    # labelled pixels) vs pure background patches; 0.5 = the score says nothing about where objects
+    # are (then no background threshold can work). None when the set has no background class.
+    localisation_auc: float | None = None
     figures: list[str] = field(default_factory=list)
     protocol: dict[str, Any] = field(default_factory=dict)
 
@@ -96,7 +100,8 @@ class PatchDisResult:
     def table(self) -> str:
         lines = [
             f"PatchDis on {self.dataset} ({self.num_images} images, grid {self.grid}, background {self.background}): "
-            f"mIoU {100 * self.miou:.2f}  pixel acc {100 * self.pixel_accuracy:.2f}",
+            f"mIoU {100 * self.miou:.2f}  pixel acc {100 * self.pixel_accuracy:.2f}"
+            + (f"  localisation AUC {self.localisation_auc:.3f}" if self.localisation_auc is not None else ""),
             f"{'class':<24}{'IoU':>8}",
         ]
         lines += [f"{n:<24}{100 * v:>8.2f}" for n, v in self.iou.items() if v is not None]
@@ -110,6 +115,37 @@ class PatchPrediction:
     patch_map: np.ndarray  # (rows, cols) class indices
     label: np.ndarray  # (H, W) ground truth after the background rule
     pred: np.ndarray  # (H, W) upsampled prediction
+    best_scores: np.ndarray  # (rows*cols,) each patch's highest class score
+    object_share: np.ndarray | None  # (rows*cols,) share of a patch's labelled pixels on objects
+
+
+def patch_object_share(label: np.ndarray, grid: tuple[int, int], background: int) -> np.ndarray:
+    """Share of each patch's labelled (non-255) pixels that are not background; NaN if none labelled.
+
+    Pixels are assigned to patches the same way :func:`upsample_nearest` does (pixel centres).
+    """
+    rows, cols = grid
+    h, w = label.shape
+    r = np.minimum(((np.arange(h) + 0.5) * rows / h).astype(np.int64), rows - 1)
+    c = np.minimum(((np.arange(w) + 0.5) * cols / w).astype(np.int64), cols - 1)
+    patch = (r[:, None] * cols + c[None, :]).ravel()
+    lab = label.ravel()
+    valid = lab != IGNORE
+    total = np.bincount(patch[valid], minlength=rows * cols).astype(np.float64)
+    obj = np.bincount(patch[valid & (lab != background)], minlength=rows * cols).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, obj / np.maximum(total, 1), np.nan)
+
+
+def separation_auc(positive: np.ndarray, negative: np.ndarray) -> float | None:
+    """P(a random positive scores above a random negative), ties count half (ROC AUC); None if a side is empty."""
+    positive, negative = np.asarray(positive, np.float64), np.asarray(negative, np.float64)
+    if positive.size == 0 or negative.size == 0:
+        return None
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.concatenate([positive, negative]))
+    return float((ranks[: positive.size].sum() - positive.size * (positive.size + 1) / 2) / (positive.size * negative.size))
 
 
 def _class_vectors(model: Any, names: list[str], prompt: str, spars: Sparsification) -> torch.Tensor:
@@ -153,10 +189,11 @@ def predict_patches(
                 cls = torch.where(best < config.background_threshold, torch.tensor(bg), cls)
             patch_map = cls.numpy().reshape(grid)
             label = s.load_mask()
+            share = patch_object_share(label, grid, bg) if bg is not None else None
             if bg is not None and config.background == "ignore":
                 label = np.where(label == bg, IGNORE, label)
             pred = upsample_nearest(patch_map, *label.shape)
-            on_prediction(PatchPrediction(s, img, patch_map, label, pred))
+            on_prediction(PatchPrediction(s, img, patch_map, label, pred, best.numpy(), share))
     return scored, grid, class_vecs.shape[1]
 
 
@@ -169,6 +206,8 @@ def evaluate_patchdis(
     k = len(data.class_names)
     conf = np.zeros((k, k), np.int64)
     figures: list[str] = []
+    on_objects: list[np.ndarray] = []
+    on_background: list[np.ndarray] = []
 
     def consume(p: PatchPrediction) -> None:
         nonlocal conf
@@ -178,6 +217,9 @@ def evaluate_patchdis(
                 f"{p.image.width}x{p.image.height}"
             )
         conf += confusion_matrix(p.pred, p.label, k)
+        if p.object_share is not None:
+            on_objects.append(p.best_scores[p.object_share >= 0.5])
+            on_background.append(p.best_scores[p.object_share == 0])
         if out_dir is not None and len(figures) < config.figures:
             from .figures import patchdis_figure
 
@@ -200,6 +242,8 @@ def evaluate_patchdis(
         background=config.background if data.background is not None else "none in the set",
         sparsification=config.sparsification.describe(dim),
         grid=grid,
+        localisation_auc=separation_auc(np.concatenate(on_objects), np.concatenate(on_background))
+        if on_objects else None,
         figures=figures,
         protocol=data.protocol,
     )
