@@ -121,10 +121,22 @@ def _register_balanced_source() -> None:
         limit = options.pop("limit", None)
         if "templates" in options:
             options["templates"] = tuple(options["templates"])
-        ds = load_easyvqa(split, EasyVQAConfig(**options), caption_mode="first")
+        ds = _load_split(split, EasyVQAConfig(**options))
         if limit:
             ds = _subset(ds, int(limit))
         return BalancedEasyVQA(ds, batch_size, batches, seed=ctx.seed)
+
+
+_SPLITS: dict[tuple[str, EasyVQAConfig], EasyVQADataset] = {}
+
+
+def _load_split(split: str, config: EasyVQAConfig) -> EasyVQADataset:
+    """``load_easyvqa(split, config, caption_mode="first")``, once per process: label recovery reads and
+    checks every image of the split, and the demo, its cache pre-build and the trainer all need the split."""
+    key = (split, config)
+    if key not in _SPLITS:
+        _SPLITS[key] = load_easyvqa(split, config, caption_mode="first")
+    return _SPLITS[key]
 
 
 def _subset(ds: EasyVQADataset, limit: int) -> EasyVQADataset:
@@ -355,7 +367,7 @@ def _evaluate(model: Any, cfg: DemoConfig, progress: bool) -> _Evaluation:
     roots = _cache_roots(cfg)
     data = load_retrieval_set("easy-vqa", RetrievalDataConfig(split="test", captions_per_image=None,
                                                                limit=cfg.test_images))
-    test = load_easyvqa("test", EasyVQAConfig(check_pixels=cfg.check_pixels), caption_mode="first")
+    test = _load_split("test", EasyVQAConfig(check_pixels=cfg.check_pixels))
     if cfg.test_images:
         test = _subset(test, cfg.test_images)
     with tqdm(total=len(test), desc="backbone features (test)", unit="img", disable=not progress,
@@ -489,7 +501,7 @@ def _write_report(out_dir: Path, model: Any, cfg: DemoConfig, ev: _Evaluation, m
     rows.append(["mean rank", res.image_to_text.mean_rank, res.text_to_image.mean_rank])
     body = words_table(rows, ["", "image → text", "text → image"])
     body += words_table([["per image", res.active_words["image"]], ["per caption", res.active_words["text"]],
-                         ["vocabulary", float(len(model.vocab))]], ["mean active words", ""])
+                         ["vocabulary", len(model.vocab)]], ["mean active words", ""])
     body += paragraph(f"{res.num_images} test images, {res.num_texts} distinct captions; a match = same colour "
                       f"and shape; vectors sparsified at 1/sqrt(V) = {1 / math.sqrt(len(model.vocab)):.5f}; "
                       f"ties counted against the model.", "note")
@@ -566,7 +578,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     text_frozen = _model_is_text_frozen(cfg.model)
 
     say("[1/5] easy-vqa: recovering colour + shape labels")
-    train_ds = load_easyvqa("train", EasyVQAConfig(check_pixels=cfg.check_pixels), caption_mode="first")
+    train_ds = _load_split("train", EasyVQAConfig(check_pixels=cfg.check_pixels))
     if cfg.train_images:
         train_ds = _subset(train_ds, cfg.train_images)
     key = cfg.train_key(train_ds.fingerprint())
