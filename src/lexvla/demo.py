@@ -368,8 +368,9 @@ def _evaluate(model: Any, cfg: DemoConfig, progress: bool) -> _Evaluation:
     data = load_retrieval_set("easy-vqa", RetrievalDataConfig(split="test", captions_per_image=None,
                                                                limit=cfg.test_images))
     test = _load_split("test", EasyVQAConfig(check_pixels=cfg.check_pixels))
-    if cfg.test_images:
-        test = _subset(test, cfg.test_images)
+    wanted = {str(p) for p in data.image_paths}
+    test = EasyVQADataset([r for r in test.records if str(Path(r.path)) in wanted], test.stats, test.config,
+                          test.split, test.caption_mode)
     with tqdm(total=len(test), desc="backbone features (test)", unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
         built = build_feature_cache(roots["features"], test, model.image_features, model.preprocess,
@@ -633,7 +634,6 @@ def _run(args: argparse.Namespace) -> int:
     cfg = DemoConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, train_images=args.train_images or None,
                      test_images=args.test_images, output_dir=args.out, retrain=args.retrain,
                      progress=not args.no_progress, seed=args.seed, check_pixels=not args.no_pixel_check)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     say(f"LexVLA demo: trains {cfg.model} on easy-vqa on the CPU, evaluates zero-shot retrieval and writes "
         f"a report to {cfg.output_dir}/.\nIt takes under {TIME_LIMIT_MINUTES} minutes on a 2-core CPU the first "
         "time (about 1 minute once the features and the trained model are cached).")
