@@ -223,7 +223,7 @@ def test_cli_inspect_writes_heat_map(tmp_path, images, capsys, parts):
                    "--text", "a red square", "--text", "a blue circle", "--output", str(tmp_path / "heat")])
     assert rc == 0
     html = (tmp_path / "heat.html").read_text()
-    assert "red" in html and "circle" in html
+    assert "red" in html and "circle" in html and "data:image/png;base64," in html
     assert Image.open(tmp_path / "heat.png").size[0] > 300
     assert "red:" in capsys.readouterr().out
     manifest = tmp_path / "m.jsonl"

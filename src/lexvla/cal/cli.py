@@ -163,7 +163,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     feats = model.image_features(model.preprocess([image]))
     rows = token_correlations(model, feats, args.text, question=args.question)
     title = f"{Path(args.image).name}" + (f" | Q: {args.question}" if args.question else "")
-    render_html(rows, prefix.with_suffix(".html"), title=title, image=str(Path(args.image).resolve()))
+    render_html(rows, prefix.with_suffix(".html"), title=title, image=image)
     render_png(rows, prefix.with_suffix(".png"), image=image, title=title)
     for row in rows:
         _say("  ".join(f"{t.strip()}:{v:+.2f}" for t, v in zip(row.tokens, row.logit_diff, strict=True)))

@@ -86,9 +86,19 @@ def _colour(value: float, scale: float) -> tuple[float, float, float]:
     return r, g, b
 
 
-def render_html(rows: Sequence[TokenCorrelation], path: str | Path, title: str = "", image: str | None = None) -> Path:
+def _data_uri(image) -> str:
+    """PIL image -> inline PNG, so the HTML page is self-contained."""
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def render_html(rows: Sequence[TokenCorrelation], path: str | Path, title: str = "", image=None) -> Path:
     """Tokens as coloured spans (green: supported by the image, red: contradicted); values on hover and
-    under each token."""
+    under each token. ``image``: a PIL image (embedded inline) or None."""
     scale = max([abs(v) for r in rows for v in r.logit_diff] + [1e-6])
     parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title or 'CAL token correlation')}</title>",
              "<style>body{font-family:sans-serif} .tok{display:inline-block;margin:2px;padding:4px 6px;"
@@ -97,7 +107,7 @@ def render_html(rows: Sequence[TokenCorrelation], path: str | Path, title: str =
     if title:
         parts.append(f"<h3>{html.escape(title)}</h3>")
     if image:
-        parts.append(f"<img src='{html.escape(image)}' width='128' style='image-rendering:pixelated'><br>")
+        parts.append(f"<img src='{_data_uri(image)}' width='128' style='image-rendering:pixelated'><br>")
     parts.append("<p>Raw logit of each caption token with the image minus without it "
                  "(green: the image supports the token; red: the image argues against it).</p>")
     for row in rows:
