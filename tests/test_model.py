@@ -158,3 +158,12 @@ def test_untrained_zoo_model_is_deterministic_and_leaves_global_rng_alone(tiny_m
     again = lexvla.create_model("lexvla-tiny")
     assert torch.equal(torch.rand(1), expected)  # construction did not consume the caller's RNG
     assert again.fingerprint() == tiny_model.fingerprint()
+
+
+def test_long_caption_is_cut_but_the_prompt_ending_stays(tiny_model):
+    text = tiny_model.text
+    long_caption = " ".join(["word"] * 500)
+    batch = text.tokenize([long_caption])
+    assert batch["input_ids"].shape[1] <= text.cfg.max_length
+    decoded = text.tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True)
+    assert decoded.rstrip().endswith('means in one word:')

@@ -146,9 +146,21 @@ class TextLexicalEncoder(nn.Module):
             texts = [texts]
         if len(texts) == 0:
             raise ValueError("no texts given")
-        prompts = [self.cfg.prompt.format(caption=t.strip()) for t in texts]
+        prompts = [self.cfg.prompt.format(caption=self._fit(t.strip())) for t in texts]
         return self.tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
                               max_length=self.cfg.max_length)
+
+    def _fit(self, caption: str) -> str:
+        """Cut an over-long caption (not the prompt): the prompt's ending is what asks for the word."""
+        budget = self.cfg.max_length - self._prompt_overhead
+        ids = self.tokenizer(caption, add_special_tokens=False)["input_ids"]
+        return caption if len(ids) <= budget else self.tokenizer.decode(ids[:max(budget, 1)])
+
+    @property
+    def _prompt_overhead(self) -> int:
+        if not hasattr(self, "_overhead"):
+            self._overhead = len(self.tokenizer(self.cfg.prompt.format(caption=""))["input_ids"]) + 2
+        return self._overhead
 
     def last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final (normed) hidden state of each prompt's last token, (B, D)."""
