@@ -85,6 +85,13 @@ class StoreManifest:
         return sum(s.nnz for s in self.shards)
 
 
+class UnknownIdError(KeyError):
+    """Ids that are not (or no longer) in a store."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
 class VectorStore:
     """Sparse vectors with string ids and JSON metadata, stored as append-only CSR shards.
 
@@ -282,7 +289,7 @@ class VectorStore:
             row = self.row_of(item_id)
             (missing.append(item_id) if row is None else rows.append(row))
         if missing:
-            raise KeyError(f"{len(missing)} id(s) not in {self.directory}: {missing[:5]}")
+            raise UnknownIdError(f"{len(missing)} id(s) not in {self.directory}: {missing[:5]}")
         rows = sorted(set(rows))
         if rows:
             self.manifest.deleted.extend(rows)
