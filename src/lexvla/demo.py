@@ -546,7 +546,10 @@ def _write_report(out_dir: Path, model: Any, cfg: DemoConfig, ev: _Evaluation, m
     _word_patches_figure(model, pictures, patches.patch_vectors, patches.grid, words, out_dir / "word_patches.png")
     sections.append(HtmlSection("Patches that a word lights up", "word_patches.png",
                                 paragraph(f"Weight of the word in each of the {patches.grid[0]}x{patches.grid[1]} "
-                                          "patch lexical vectors (before the max over patches).", "note")))
+                                          "patch lexical vectors (before the max over patches), scaled per picture. The adapter's "
+                                          "self-attention lets every patch see the whole image and training only "
+                                          "supervises the max over patches, so a word may also light up "
+                                          "background patches.", "note")))
     patch_words_figure(pictures[0], patch_top_words(model, patches, 0, k=1), patches.grid,
                        out_dir / "patch_words.png", title=f"top word of every patch: {titles[0]}")
     sections.append(HtmlSection("Top word of every patch", "patch_words.png"))
