@@ -123,7 +123,7 @@ def _register_balanced_source() -> None:
             options["templates"] = tuple(options["templates"])
         ds = _load_split(split, EasyVQAConfig(**options))
         if limit:
-            ds = _subset(ds, int(limit))
+            ds = ds.head(int(limit))
         return BalancedEasyVQA(ds, batch_size, batches, seed=ctx.seed)
 
 
@@ -137,11 +137,6 @@ def _load_split(split: str, config: EasyVQAConfig) -> EasyVQADataset:
     if key not in _SPLITS:
         _SPLITS[key] = load_easyvqa(split, config, caption_mode="first")
     return _SPLITS[key]
-
-
-def _subset(ds: EasyVQADataset, limit: int) -> EasyVQADataset:
-    """The first ``limit`` images (in id order) of a split; the caption mode is kept."""
-    return EasyVQADataset(ds.records[:limit], ds.stats, ds.config, ds.split, ds.caption_mode)
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -317,14 +312,14 @@ def _prebuild_caches(tcfg, model: Any, progress: bool) -> None:
     from tqdm.auto import tqdm
 
     from .data import TextVectorCache, build_feature_cache
-    from .train.data import SourceContext, _cache_root, backbone_fingerprint, build_source, text_fingerprint
+    from .train.data import SourceContext, backbone_fingerprint, build_source, cache_root, text_fingerprint
 
     source = build_source(tcfg.data, SourceContext(0, 1, tcfg.seed, None))
     records = source.pair_records()
     n_images = len({r.image_id for r in records})
     with tqdm(total=n_images, desc="backbone features (train)", unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
-        build_feature_cache(_cache_root(tcfg.data.feature_cache, "features"), source, model.image_features,
+        build_feature_cache(cache_root(tcfg.data.feature_cache, "features"), source, model.image_features,
                             model.preprocess, backbone=backbone_fingerprint(model.backbone),
                             preprocessing=repr(model.preprocess), dtype=tcfg.data.cache_dtype,
                             progress=lambda n: bar.update(n - bar.n))
@@ -332,7 +327,7 @@ def _prebuild_caches(tcfg, model: Any, progress: bool) -> None:
         captions = sorted({r.caption for r in records})
         with tqdm(total=len(captions), desc="caption vectors", unit="caption", disable=not progress,
                   dynamic_ncols=True) as bar:
-            TextVectorCache(_cache_root(tcfg.data.text_cache, "text"), captions, _text_fn(model, bar),
+            TextVectorCache(cache_root(tcfg.data.text_cache, "text"), captions, _text_fn(model, bar),
                             text_fingerprint(model), dtype="float32")
 
 
@@ -584,7 +579,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     say("[1/5] easy-vqa: recovering colour + shape labels")
     train_ds = _load_split("train", EasyVQAConfig(check_pixels=cfg.check_pixels))
     if cfg.train_images:
-        train_ds = _subset(train_ds, cfg.train_images)
+        train_ds = train_ds.head(cfg.train_images)
     key = cfg.train_key(train_ds.fingerprint())
     run_dir = _cache_roots(cfg)["runs"] / key
     model_dir = run_dir / "model"

@@ -120,7 +120,8 @@ def text_fingerprint(model: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def _cache_root(value: str, sub: str) -> Path:
+def cache_root(value: str, sub: str) -> Path:
+    """Folder of a training cache: ``auto`` = the project cache (``train/<sub>``), else the given path."""
     if value == "auto":
         from .._assets import cache_dir
 
@@ -180,7 +181,7 @@ class TrainStream:
 
     # ------------------------------------------------------------------ caches
     def _feature_dataset(self, source: Any, model: Any) -> CachedPairDataset:
-        root = _cache_root(self.cfg.feature_cache, "features")
+        root = cache_root(self.cfg.feature_cache, "features")
         key = backbone_fingerprint(model.backbone)
 
         def build():
@@ -202,7 +203,7 @@ class TrainStream:
         return CachedPairDataset(result.store, records)
 
     def _text_cache(self, source: Any, model: Any) -> TextVectorCache:
-        root = _cache_root(self.cfg.text_cache, "text")
+        root = cache_root(self.cfg.text_cache, "text")
         captions = [r.caption for r in source.pair_records()]
 
         def text_fn(caps: list[str]) -> torch.Tensor:
