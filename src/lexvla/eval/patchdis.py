@@ -17,7 +17,6 @@ Background (when the set has a background class):
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ._results import JSONResult
 from .encode import Sparsification, model_fingerprint
 from .metrics import SegmentationScores, confusion_matrix, segmentation_scores
 from .segmentation_data import IGNORE, SegmentationSet, SegSample, prompt_name
@@ -67,7 +67,7 @@ def upsample_nearest(patch_map: np.ndarray, height: int, width: int) -> np.ndarr
 
 
 @dataclass
-class PatchDisResult:
+class PatchDisResult(JSONResult):
     dataset: str
     model: str
     num_images: int
@@ -90,12 +90,6 @@ class PatchDisResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
 
     def table(self) -> str:
         lines = [

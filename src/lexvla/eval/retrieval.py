@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from ._results import JSONResult
 from .encode import Sparsification, VectorCache, encode_cached, model_fingerprint
 from .metrics import DEFAULT_KS, TIE_RULES, RecallResult, chunked_ranks, recall_from_ranks
 from .retrieval_data import RetrievalSet
@@ -63,7 +62,7 @@ def encode_set(model: Any, data: RetrievalSet, config: RetrievalConfig) -> Encod
 
 
 @dataclass
-class RetrievalResult:
+class RetrievalResult(JSONResult):
     dataset: str
     model: str
     num_images: int
@@ -81,12 +80,6 @@ class RetrievalResult:
         d["image_to_text"] = self.image_to_text.to_dict()
         d["text_to_image"] = self.text_to_image.to_dict()
         return d
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
 
     def table(self) -> str:
         """Plain-text table: one row per direction, recalls in percent."""

@@ -6,7 +6,6 @@ thresholds as multiples of 1/sqrt(V) (0 = dense) and top-k values (from V down t
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ._results import JSONResult
 from .encode import Sparsification
 from .metrics import cross_flops, sparsity_stats
 from .retrieval import RetrievalConfig, encode_set, retrieval_from_vectors
@@ -49,7 +49,7 @@ def overused_words(vectors: torch.Tensor, words: Sequence[str], n: int = 25) -> 
 
 
 @dataclass
-class SparsityReport:
+class SparsityReport(JSONResult):
     dataset: str
     model: str
     vocab_size: int
@@ -63,12 +63,6 @@ class SparsityReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
 
     def table(self) -> str:
         head = f"{'setting':<18}{'active img':>11}{'active txt':>11}{'I->T R@1':>10}{'T->I R@1':>10}{'I->T R@5':>10}{'T->I R@5':>10}"
