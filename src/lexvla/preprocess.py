@@ -17,6 +17,9 @@ from PIL import Image, UnidentifiedImageError
 
 ImageInput = str | Path | Image.Image
 
+# File suffixes treated as images when a folder is scanned (data sources, index builds, mask folders).
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
 
 class ImageLoadError(ValueError):
     """An input could not be read as an image; the message names it."""

@@ -35,11 +35,11 @@ from typing import Any, Protocol, runtime_checkable
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lexvla.preprocess import ImageLoadError, load_image, to_rgb
+from lexvla.preprocess import IMAGE_SUFFIXES, ImageLoadError, load_image, to_rgb
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+IMAGE_EXTENSIONS: tuple[str, ...] = tuple(s[1:] for s in IMAGE_SUFFIXES)  # tar member extensions
 # Skip reasons (strings, so that reports and JSON stay readable).
 UNREADABLE_IMAGE = "unreadable_image"
 EMPTY_CAPTION = "empty_caption"

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .._assets import AssetNotFoundError, cache_dir
-from ..preprocess import load_image
+from ..preprocess import IMAGE_SUFFIXES, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def masks_folder(config: SegDataConfig) -> SegmentationSet:
     masks = {p.stem: p for p in sorted((root / "masks").iterdir()) if p.suffix.lower() in (".png", ".npy")}
     samples = []
     for img in sorted((root / "images").iterdir()):
-        if img.suffix.lower() not in (".jpg", ".jpeg", ".png", ".bmp", ".webp"):
+        if img.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         if img.stem not in masks:
             raise FileNotFoundError(f"masks-folder: no mask for image {img.name} in {root / 'masks'}")

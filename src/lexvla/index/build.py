@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from lexvla.index.core import ModelRecord, SparseIndex, SparsifySettings
+from lexvla.preprocess import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)
