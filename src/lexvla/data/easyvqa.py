@@ -28,13 +28,12 @@ import numpy as np
 from PIL import Image
 
 from lexvla.data.sources import (
-    UNREADABLE_IMAGE,
-    ImageLoadError,
     Pair,
     PairRecord,
     Skipped,
     SkipStats,
     decode_image,
+    pair_or_skip,
 )
 
 logger = logging.getLogger(__name__)
@@ -409,12 +408,7 @@ class EasyVQADataset:
 
     def __getitem__(self, index: int) -> Pair | Skipped:
         meta = self.pair_record(index)
-        try:
-            image = decode_image(meta.image)
-        except ImageLoadError as err:
-            return self.stats.skip(meta.id, UNREADABLE_IMAGE, str(err))
-        self.stats.yielded += 1
-        return Pair(image=image, caption=meta.caption, id=meta.id, image_id=meta.image_id)
+        return pair_or_skip(meta, self.stats, lambda: decode_image(meta.image))
 
     def __iter__(self) -> Iterator[Pair | Skipped]:
         for i in range(len(self)):

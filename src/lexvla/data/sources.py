@@ -27,7 +27,7 @@ import random
 import re
 import tarfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -276,6 +276,20 @@ class FirstPairs(_MapSourceBase):
 
 
 # --------------------------------------------------------------------------------------------- manifest
+def pair_or_skip(rec: PairRecord, stats: SkipStats, decode: Callable[[], Image.Image]) -> Pair | Skipped:
+    """Decode ``rec``'s image with ``decode()`` into a :class:`Pair`, or count and return the skip.
+
+    One rule for every map-style source: an unreadable image is a ``Skipped`` (counted in ``stats``),
+    anything else is counted as yielded.
+    """
+    try:
+        image = decode()
+    except ImageLoadError as err:
+        return stats.skip(rec.id, UNREADABLE_IMAGE, str(err))
+    stats.yielded += 1
+    return Pair(image=image, caption=rec.caption, id=rec.id, image_id=rec.image_id)
+
+
 class ManifestSource(_MapSourceBase):
     """Pairs listed in a JSONL, CSV or TSV manifest; image paths relative to ``image_root``.
 
@@ -324,12 +338,7 @@ class ManifestSource(_MapSourceBase):
 
     def __getitem__(self, index: int) -> Pair | Skipped:
         rec = self._records[index]
-        try:
-            image = decode_image(rec.image)
-        except ImageLoadError as err:
-            return self.stats.skip(rec.id, UNREADABLE_IMAGE, str(err))
-        self.stats.yielded += 1
-        return Pair(image=image, caption=rec.caption, id=rec.id, image_id=rec.image_id)
+        return pair_or_skip(rec, self.stats, lambda: decode_image(rec.image))
 
     def fingerprint(self) -> str:
         st = self.manifest.stat()
@@ -377,12 +386,7 @@ class HFDatasetSource(_MapSourceBase):
     def __getitem__(self, index: int) -> Pair | Skipped:
         rec = self._records[index]
         cell = self.dataset[self._row_of[rec.image_id]][self.image_column]
-        try:
-            image = self._decode(cell, rec.id)
-        except ImageLoadError as err:
-            return self.stats.skip(rec.id, UNREADABLE_IMAGE, str(err))
-        self.stats.yielded += 1
-        return Pair(image=image, caption=rec.caption, id=rec.id, image_id=rec.image_id)
+        return pair_or_skip(rec, self.stats, lambda: self._decode(cell, rec.id))
 
     def _decode(self, cell: Any, pid: str) -> Image.Image:
         if isinstance(cell, Image.Image):
