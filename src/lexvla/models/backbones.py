@@ -16,6 +16,7 @@ from torch import nn
 
 from .._assets import AssetNotFoundError, cache_dir, craft_weights, resolve_local_or_hub
 from ..config import BackboneConfig
+from ..io import atomic_path
 from ..preprocess import ImagePreprocessor
 
 logger = logging.getLogger(__name__)
@@ -122,9 +123,8 @@ def _load_craft_state() -> dict[str, torch.Tensor]:
         parts = key.split(".")
         if parts[:2] == ["module", "basenet"] and parts[2] != "slice5":
             state[".".join(parts[3:])] = value.contiguous()
-    tmp = cached.with_suffix(".tmp")
-    save_file(state, tmp)
-    tmp.replace(cached)
+    with atomic_path(cached) as tmp:
+        save_file(state, tmp)
     return state
 
 

@@ -155,21 +155,14 @@ class LexVLA(nn.Module):
         """config.json + vocab.json + model.safetensors (trained weights only), written atomically."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        self.config.save(tmp / CONFIG_FILE)
-        self.vocab.save(tmp / VOCAB_FILE)
-        save_file(self.trainable_state_dict(), tmp / WEIGHTS_FILE, metadata={"format": "lexvla"})
-        if path.exists():
-            old = path.with_name(path.name + ".old")
-            path.replace(old)
-            tmp.replace(path)
-            import shutil
+        from lexvla.io import atomic_dir
 
-            shutil.rmtree(old)
-        else:
-            tmp.replace(path)
+        path = Path(path)
+        # Staged beside ``path`` and swapped in; leftovers of a killed save (.old, .tmp) are repaired first.
+        with atomic_dir(path) as tmp:
+            self.config.save(tmp / CONFIG_FILE)
+            self.vocab.save(tmp / VOCAB_FILE)
+            save_file(self.trainable_state_dict(), tmp / WEIGHTS_FILE, metadata={"format": "lexvla"})
         return path
 
     def load_trained(self, state: dict[str, torch.Tensor]) -> None:

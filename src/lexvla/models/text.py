@@ -12,6 +12,7 @@ from torch import nn
 
 from .._assets import AssetNotFoundError, cache_dir, resolve_local_or_hub, smollm2_gguf
 from ..config import TextConfig
+from ..io import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +42,9 @@ def _embedded_smollm2(dtype: torch.dtype):
         model.hf_quantizer = None  # dequantised already; lets save_pretrained write plain weights
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        tmp = folder.with_name(folder.name + ".tmp")
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.replace(folder)
+        with atomic_dir(folder) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return model, AutoTokenizer.from_pretrained(folder)
 
@@ -60,9 +60,8 @@ def load_tokenizer(source: str):
         if not (folder / "tokenizer.json").is_file():
             gguf = smollm2_gguf()
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            tmp = folder.with_name(folder.name + ".tmp")
-            tok.save_pretrained(tmp)
-            tmp.replace(folder)
+            with atomic_dir(folder) as tmp:
+                tok.save_pretrained(tmp)
         return AutoTokenizer.from_pretrained(folder)
     if source.endswith(".gguf"):
         path = Path(source).expanduser()
