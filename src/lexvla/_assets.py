@@ -79,3 +79,11 @@ def resolve_local_or_hub(source: str, what: str, hint: str) -> str:
                 f"Hugging Face cache ({type(err).__name__}). {hint}"
             ) from None
     raise AssetNotFoundError(f"{what} '{source}' does not exist. {hint}")
+
+
+def check_arch(what: str, source: str, arch: dict, loaded: object) -> None:
+    """Refuse weights whose architecture differs from the config's ``arch`` (the config is the truth)."""
+    wrong = {k: (v, getattr(loaded, k, None)) for k, v in arch.items() if getattr(loaded, k, None) != v}
+    if wrong:
+        detail = ", ".join(f"{k}: arch={a!r} weights={w!r}" for k, (a, w) in sorted(wrong.items()))
+        raise ValueError(f"{what} weights {source!r} do not match the configured architecture ({detail})")

@@ -19,8 +19,8 @@ class BackboneConfig:
     """Frozen vision backbone that yields patch tokens."""
 
     name: str = "dinov2"  # registry key in lexvla.models.backbones
-    # Weights: a hub id or local folder (DINOv2), "embedded" (weights from a registry package) or
-    # "random" (random init from ``arch``; tests and controls).
+    # Weight source, separate from the architecture: a hub id or local folder (DINOv2), "embedded"
+    # (weights from a registry package) or "random" (no weights: seeded random init of ``arch``).
     source: str = "random"
     image_size: int = 224
     # Backbone-specific depths to take patch tokens from; empty = the backbone's default (last layer).
@@ -28,7 +28,8 @@ class BackboneConfig:
     taps: tuple[int, ...] = ()
     # Pool the patch grid to grid x grid tokens (None = native grid). Cuts the patch x vocabulary cost.
     grid: int | None = None
-    arch: dict[str, Any] = field(default_factory=dict)  # architecture overrides for random init
+    # Architecture (for DINOv2: Dinov2Config fields). A random init builds it; loaded weights must match it.
+    arch: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.taps = tuple(int(t) for t in self.taps)
@@ -67,10 +68,11 @@ class LoraSettings:
 class TextConfig:
     """Causal LLM that predicts the caption's lexical vector from its last token."""
 
-    # "embedded:smollm2", a hub id / local folder (local files only), a .gguf file, or "random".
+    # Weight source: "embedded:smollm2", a hub id / local folder (local files only), a .gguf file, or
+    # "random" (no weights: seeded random init of ``arch`` with the tokenizer from ``tokenizer``).
     source: str = "random"
-    # Only for source="random": tokenizer source (same forms as ``source``) and LlamaConfig overrides.
-    tokenizer: str = "embedded:smollm2"
+    tokenizer: str = "embedded:smollm2"  # used when source="random"; weights bring their own
+    # Architecture (LlamaConfig fields). A random init builds it; loaded weights must match it.
     arch: dict[str, Any] = field(default_factory=dict)
     # In-context lexical prediction prompt. It ends without a quote or space so the next token is a
     # word-initial token ("Ġapple"), the kind the vocabulary is made of.
@@ -117,7 +119,9 @@ class LexVLAConfig:
     mapper: MapperConfig = field(default_factory=MapperConfig)
     vocab: VocabularyFilter = field(default_factory=VocabularyFilter)
     init_temperature: float = 0.07
-    init_seed: int = 0  # seed of every random initialisation (adapter; random backbones and LLMs)
+    # Seed of the adapter's initialisation. Random backbones and LLMs (source="random") always use seed 0,
+    # so their frozen weights are a function of ``arch`` alone and need not be saved.
+    init_seed: int = 0
     # Train the visual codebook (paper) or keep it tied to the frozen text codebook.
     train_visual_codebook: bool = True
 

@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from .._registry import Registry
+
 if TYPE_CHECKING:
     from lexvla.cal.loss import MultimodalInputs
 
 Condition = Callable[["MultimodalInputs"], tuple[torch.Tensor, torch.Tensor]]
-CONDITIONS: dict[str, Condition] = {}
+CONDITIONS: Registry[Condition] = Registry("CAL condition")
 
 
 def register_condition(name: str) -> Callable[[Condition], Condition]:

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from .._registry import Registry
+
 logger = logging.getLogger(__name__)
 
 
@@ -77,7 +79,7 @@ class RetrievalDataConfig:
             raise ValueError("limit must be positive or None")
 
 
-RETRIEVAL_DATASETS: dict[str, Callable[[RetrievalDataConfig], RetrievalSet]] = {}
+RETRIEVAL_DATASETS: Registry[Callable[[RetrievalDataConfig], RetrievalSet]] = Registry("retrieval data set")
 
 
 def register_retrieval_dataset(name: str):

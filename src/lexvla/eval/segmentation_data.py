@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .._assets import AssetNotFoundError, cache_dir
+from .._registry import Registry
 from ..io import atomic_dir
 from ..preprocess import IMAGE_SUFFIXES, load_image
 
@@ -124,7 +125,7 @@ class SegDataConfig:
             raise ValueError("limit must be positive or None")
 
 
-SEGMENTATION_DATASETS: dict[str, Callable[[SegDataConfig], SegmentationSet]] = {}
+SEGMENTATION_DATASETS: Registry[Callable[[SegDataConfig], SegmentationSet]] = Registry("segmentation data set")
 
 
 def register_segmentation_dataset(name: str):

@@ -14,14 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._assets import AssetNotFoundError, cache_dir, craft_weights, resolve_local_or_hub
+from .._assets import AssetNotFoundError, cache_dir, check_arch, craft_weights, resolve_local_or_hub
+from .._registry import Registry
 from ..config import BackboneConfig
 from ..io import atomic_path
 from ..preprocess import ImagePreprocessor
 
 logger = logging.getLogger(__name__)
 
-_BACKBONES: dict[str, Callable[[BackboneConfig], PatchBackbone]] = {}
+_BACKBONES: Registry[Callable[[BackboneConfig], PatchBackbone]] = Registry("backbone")
 
 
 def register_backbone(name: str):
@@ -188,6 +189,17 @@ DINOV2_HINT = (
     "facebook/dinov2-base) on disk and pass its path as backbone.source, or pre-populate the HF cache."
 )
 
+# The published architectures (Dinov2Config fields, as in facebook/dinov2-*'s config.json), so a zoo
+# entry builds without its weights (``source="random"``) and a weight folder is checked against them.
+# image_size 518 = the 37x37 position-embedding grid the checkpoints carry (interpolated at run time).
+_DINOV2_COMMON = {"patch_size": 14, "image_size": 518, "mlp_ratio": 4, "layerscale_value": 1.0,
+                  "layer_norm_eps": 1e-6, "qkv_bias": True, "use_swiglu_ffn": False}
+DINOV2_ARCHS: dict[str, dict] = {
+    "dinov2-small": {**_DINOV2_COMMON, "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6},
+    "dinov2-base": {**_DINOV2_COMMON, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12},
+}
+
+
 
 class Dinov2Backbone(PatchBackbone):
     """DINOv2 patch tokens; ``taps`` index ``hidden_states`` (default: the final, layer-normed output)."""
@@ -203,6 +215,7 @@ class Dinov2Backbone(PatchBackbone):
         else:
             path = resolve_local_or_hub(cfg.source, "DINOv2 backbone", DINOV2_HINT)
             model = Dinov2Model.from_pretrained(path)
+            check_arch("DINOv2 backbone", cfg.source, cfg.arch, model.config)
         patch = model.config.patch_size
         if cfg.image_size % patch:
             raise ValueError(f"image_size {cfg.image_size} must be a multiple of DINOv2's patch size {patch}")

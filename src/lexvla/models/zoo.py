@@ -7,13 +7,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .._registry import Registry
 from ..config import AdapterConfig, BackboneConfig, LexVLAConfig, LoraSettings, MapperConfig, TextConfig
 from ..vocab import Vocabulary
+from .backbones import DINOV2_ARCHS
 from .lexvla import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, LexVLA
+from .text import LLM_ARCHS
 
 logger = logging.getLogger(__name__)
 
-_MODELS: dict[str, Callable[[], LexVLAConfig]] = {}
+_MODELS: Registry[Callable[[], LexVLAConfig]] = Registry("model")
 
 
 def register_model(name: str):
@@ -37,19 +40,25 @@ def get_config(name: str) -> LexVLAConfig:
     return cfg
 
 
-def create_model(name_or_path: str | Path, **overrides: Any) -> LexVLA:
+def create_model(name_or_path: str | Path, pretrained: bool = True, **overrides: Any) -> LexVLA:
     """A LexVLA model from a zoo name or a checkpoint folder; ``overrides`` are dotted config keys,
-    e.g. ``create_model("lexvla-tiny", **{"backbone.grid": 2})`` (zoo names only)."""
+    e.g. ``create_model("lexvla-tiny", **{"backbone.grid": 2})`` (zoo names only).
+
+    ``pretrained=False`` (as in timm) builds the zoo entry's architecture with seeded random frozen
+    weights instead of loading them: no weight file or package is needed, only the tokenizer.
+    """
     path = Path(name_or_path)
     if path.is_dir() and (path / CONFIG_FILE).is_file():
-        if overrides:
-            raise ValueError("overrides apply to zoo names only; a checkpoint is restored as saved")
+        if overrides or not pretrained:
+            raise ValueError("overrides and pretrained=False apply to zoo names only; a checkpoint is restored "
+                             "as saved")
         return load(path)
     cfg = get_config(str(name_or_path))
+    if not pretrained:
+        overrides = {"backbone.source": "random", "text.source": "random", **overrides}
     if overrides:
         cfg = cfg.replace(**overrides)
     return LexVLA(cfg)
-
 
 def load(path: str | Path) -> LexVLA:
     """Restore a model saved by :meth:`LexVLA.save_pretrained` (safetensors + JSON; no pickle)."""
@@ -70,9 +79,11 @@ def load(path: str | Path) -> LexVLA:
 def _paper() -> LexVLAConfig:
     """Paper scale: DINOv2-B/14 + Llama 2 7B with LoRA. Needs the weights on disk or in the HF cache."""
     return LexVLAConfig(
-        backbone=BackboneConfig(name="dinov2", source="facebook/dinov2-base", image_size=224),
+        backbone=BackboneConfig(name="dinov2", source="facebook/dinov2-base", image_size=224,
+                                arch=dict(DINOV2_ARCHS["dinov2-base"])),
         adapter=AdapterConfig(width=1024, heads=16, mlp_ratio=2.0),  # ~17M params, as in the paper
-        text=TextConfig(source="meta-llama/Llama-2-7b-hf", lora=LoraSettings(r=20, alpha=40),  # ~21M
+        text=TextConfig(source="meta-llama/Llama-2-7b-hf", tokenizer="meta-llama/Llama-2-7b-hf",
+                        arch=dict(LLM_ARCHS["llama2-7b"]), lora=LoraSettings(r=20, alpha=40),  # ~21M
                         gradient_checkpointing=True, dtype="bfloat16"),
     )
 
@@ -80,9 +91,10 @@ def _paper() -> LexVLAConfig:
 @register_model("lexvla-dinov2-s14-smollm2")
 def _small() -> LexVLAConfig:
     return LexVLAConfig(
-        backbone=BackboneConfig(name="dinov2", source="facebook/dinov2-small", image_size=224),
+        backbone=BackboneConfig(name="dinov2", source="facebook/dinov2-small", image_size=224,
+                                arch=dict(DINOV2_ARCHS["dinov2-small"])),
         adapter=AdapterConfig(width=512, heads=8),
-        text=TextConfig(source="embedded:smollm2", lora=LoraSettings(r=8, alpha=16)),
+        text=TextConfig(source="embedded:smollm2", arch=dict(LLM_ARCHS["smollm2-135m"]), lora=LoraSettings(r=8, alpha=16)),
     )
 
 
@@ -98,7 +110,7 @@ def _embedded() -> LexVLAConfig:
     return LexVLAConfig(
         backbone=BackboneConfig(name="vgg16bn", source="embedded", image_size=64, taps=(12, 22, 39), grid=4),
         adapter=AdapterConfig(width=384, heads=6, mlp_ratio=2.0),
-        text=TextConfig(source="embedded:smollm2"),
+        text=TextConfig(source="embedded:smollm2", arch=dict(LLM_ARCHS["smollm2-135m"])),
         mapper=MapperConfig(),
     )
 

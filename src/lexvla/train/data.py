@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset
 
+from .._registry import Registry
 from ..data import (
     Batch,
     CachedPairDataset,
@@ -46,7 +47,7 @@ class SourceContext:
     log_dir: str | None
 
 
-TRAIN_SOURCES: dict[str, Callable[[dict[str, Any], SourceContext], Any]] = {}
+TRAIN_SOURCES: Registry[Callable[[dict[str, Any], SourceContext], Any]] = Registry("training data source")
 
 
 def register_train_source(name: str):
