@@ -15,14 +15,15 @@ def smol_tokenizer():
 
 def test_vocabulary_filter_on_smollm2(smol_tokenizer):
     vocab = build_vocabulary(smol_tokenizer)
-    assert 20000 < len(vocab) < 24000  # 49,152 tokens -> 22,600 words (docs/architecture.md)
-    for word in ("red", "circle", "apple", "dog", "beach", "triangle"):
-        assert word in vocab
-    # Word-initial BPE fragments (seen as top words of collapsed vectors in a trial), continuations,
-    # special tokens, numbers, one-letter tokens. Fragments that are also dictionary entries ("ing",
-    # "st") stay: no word list can tell them apart (docs/architecture.md).
-    for junk in ("strugg", "authent", "affili", "tion", "<|endoftext|>", "2024", "a"):
-        assert junk not in vocab
+    assert 20000 < len(vocab) < 22000  # 49,152 tokens -> 20,998 words (docs/architecture.md)
+    for word in ("red", "circle", "apple", "dog", "beach", "triangle", "bee", "ant", "owl", "hen", "ear",
+                 "the", "of", "ox", "ok"):
+        assert word in vocab, word
+    # Word-initial BPE fragments (seen as top words of trained image vectors and collapsed vectors),
+    # two-letter pieces, shapeless tokens, continuations, special tokens, numbers, one-letter tokens.
+    for junk in ("includ", "physic", "cir", "aaa", "tri", "fou", "rr", "ge", "ze", "th", "st", "wh",
+                 "strugg", "authent", "affili", "tion", "<|endoftext|>", "2024", "a"):
+        assert junk not in vocab, junk
     assert all(w.isalpha() and w.islower() and w.isascii() for w in vocab.words)
     assert len(set(vocab.words)) == len(vocab)
     tokens = smol_tokenizer.convert_ids_to_tokens(vocab.token_ids[:50])
@@ -31,6 +32,25 @@ def test_vocabulary_filter_on_smollm2(smol_tokenizer):
     assert build_vocabulary(smol_tokenizer).words == vocab.words
     loose = build_vocabulary(smol_tokenizer, VocabularyFilter(dictionary="none"))
     assert set(vocab.words) < set(loose.words)
+    # Each rule only removes words: turning the shape and fragment rules off gives a superset.
+    no_fragments = build_vocabulary(smol_tokenizer, VocabularyFilter(fragment_ratio=0))
+    no_rules = build_vocabulary(smol_tokenizer, VocabularyFilter(fragment_ratio=0, shape_rules=False))
+    assert set(vocab.words) < set(no_fragments.words) < set(no_rules.words)
+    assert {"tri", "cir", "includ", "physic"} <= set(no_fragments.words) - set(vocab.words)
+    assert {"ge", "ze", "rr", "aaa"} <= set(no_rules.words) - set(no_fragments.words)
+
+
+def test_fragment_and_shape_rules():
+    from lexvla.vocab import _shape_ok, is_fragment
+
+    # "bee" has a 160x more frequent extension ("been") but is common itself: it stays.
+    assert [is_fragment(w) for w in ("includ", "physic", "tri", "fou", "bee", "owl", "apple")] == [
+        True, True, True, True, False, False, False]
+    assert not is_fragment("includ", ratio=0)  # 0 turns the rule off
+    assert [_shape_ok(w) for w in ("ox", "ge", "rr", "aaa", "hmm", "owl", "zoo")] == [
+        True, False, False, False, False, True, True]
+    with pytest.raises(ValueError, match="fragment_ratio"):
+        VocabularyFilter(fragment_ratio=-1)
 
 
 def test_vocabulary_round_trip(tmp_path, smol_tokenizer):

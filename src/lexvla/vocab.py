@@ -7,9 +7,16 @@ The filter is deterministic and documented in ``docs/architecture.md``:
    continuations ("ing", "tion") never become dimensions;
 3. the surface form must be ASCII letters only, at least ``min_chars`` long (drops punctuation,
    numbers, emoji, byte tokens and one-letter tokens);
-4. the lower-cased form must be an English word with Zipf frequency >= ``min_zipf`` in ``wordfreq``'s
+4. word shape (``shape_rules``): a two-letter word must be one of the closed class of common English
+   two-letter words (:data:`TWO_LETTER_WORDS`; drops "ge", "ze", "th", "st"); a longer one needs a vowel
+   (a, e, i, o, u, y) and no letter three times in a row (drops "rr", "aaa", "www");
+5. the lower-cased form must be an English word with Zipf frequency >= ``min_zipf`` in ``wordfreq``'s
    list (drops word-initial fragments such as "strugg", "authent" that BPE merges leave behind);
-5. case duplicates are merged into one lower-cased word; its token is the lower-case one when the
+6. fragments that pass 5 because web text is full of broken words: a word rarer than ``fragment_zipf``
+   is dropped when the words that *start with it* are together ``fragment_ratio`` times more frequent
+   than it is ("includ" -> including, "physic" -> physical, "tri", "cir", "fou"). Common short words
+   ("bee" -> been, "ear" -> early) are above ``fragment_zipf`` and stay;
+7. case duplicates are merged into one lower-cased word; its token is the lower-case one when the
    tokenizer has it, else the most frequent cased variant (lowest token id).
 
 The vocabulary is stored with every checkpoint, so a model never depends on the word list's version
@@ -18,6 +25,9 @@ after training.
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
+import functools
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -28,6 +38,13 @@ import numpy as np
 
 WORD_PREFIXES = ("Ġ", "▁")
 _LETTERS = re.compile(r"^[A-Za-z]+$")
+_VOWEL = re.compile(r"[aeiouy]")
+_TRIPLE = re.compile(r"(.)\1\1")
+# The common English two-letter words. Any other two-letter token is an abbreviation or a BPE piece
+# ("ge", "ze", "th", "st", "pe"): a closed class is easier to read than a frequency cut-off here.
+TWO_LETTER_WORDS = frozenset(
+    ["ad", "ah", "am", "an", "as", "at", "aw", "ax", "be", "by", "do", "eh", "go", "ha", "he", "hi", "ho", "id", "if", "in", "is", "it", "ma", "me", "my", "no", "of", "oh", "ok", "on", "or", "ow", "ox", "pa", "pi", "so", "to", "tv", "uh", "um", "up", "us", "we", "ye", "yo"]
+)
 
 
 @dataclass(frozen=True)
@@ -37,12 +54,21 @@ class VocabularyFilter:
     min_chars: int = 2
     min_zipf: float = 2.0  # wordfreq Zipf scale: 2.0 = once per 1M words
     dictionary: str = "wordfreq"  # "wordfreq" or "none" (letters-only filter, for tests/offline oddities)
+    shape_rules: bool = True  # two-letter allow-list; a vowel and no triple letter in longer words
+    # Rule 6 (wordfreq only): words rarer than this Zipf value are tested for being fragments ...
+    fragment_zipf: float = 4.0
+    # ... and dropped when the words that extend them are this many times more frequent (0 = off).
+    # Measured on SmolLM2 (docs/architecture.md): 4.0 / 50 drops "tri", "cir", "includ", "physic" and
+    # keeps "bee", "ant", "hen", "owl"; it loses "pea" and "fin".
+    fragment_ratio: float = 50.0
 
     def __post_init__(self) -> None:
         if self.dictionary not in ("wordfreq", "none"):
             raise ValueError(f"dictionary must be 'wordfreq' or 'none', got {self.dictionary!r}")
         if self.min_chars < 1:
             raise ValueError("min_chars must be >= 1")
+        if self.fragment_ratio < 0:
+            raise ValueError("fragment_ratio must be >= 0 (0 turns the fragment rule off)")
 
 
 @dataclass
@@ -112,6 +138,40 @@ def _surface(token: str) -> str | None:
     return token[1:]
 
 
+def _shape_ok(word: str) -> bool:
+    if len(word) < 2:
+        return True  # one-letter tokens are governed by min_chars alone
+    if len(word) == 2:
+        return word in TWO_LETTER_WORDS
+    return bool(_VOWEL.search(word)) and not _TRIPLE.search(word)
+
+
+@functools.cache
+def _english_prefix_index() -> tuple[list[str], np.ndarray, dict[str, float]]:
+    """wordfreq's English words (letters only) sorted, the running sum of their frequencies, and the
+    frequencies themselves: the mass of all words starting with ``w`` is one bisect away."""
+    from wordfreq import get_frequency_dict
+
+    freqs = {w: f for w, f in get_frequency_dict("en").items() if w.isascii() and w.isalpha()}
+    words = sorted(freqs)
+    cumulative = np.concatenate([[0.0], np.cumsum([freqs[w] for w in words])])
+    return words, cumulative, freqs
+
+
+def is_fragment(word: str, max_zipf: float = 4.0, ratio: float = 50.0) -> bool:
+    """Rule 6: a rare word (Zipf < ``max_zipf``) whose extensions are ``ratio`` times more frequent."""
+    from wordfreq import zipf_frequency
+
+    if ratio <= 0 or zipf_frequency(word, "en") >= max_zipf:
+        return False
+    words, cumulative, freqs = _english_prefix_index()
+    lo = bisect.bisect_right(words, word)  # first word after `word` itself
+    hi = bisect.bisect_left(words, word + "{")  # "{" sorts after "z": end of the words starting with it
+    extensions = float(cumulative[hi] - cumulative[lo])
+    own = freqs.get(word, 0.0)
+    return extensions >= ratio * own if own > 0 else extensions > 0
+
+
 def build_vocabulary(tokenizer, vfilter: VocabularyFilter | None = None, source: str = "") -> Vocabulary:
     """Derive the lexical vocabulary from a Hugging Face tokenizer (see module docstring)."""
     vfilter = vfilter or VocabularyFilter()
@@ -130,11 +190,14 @@ def build_vocabulary(tokenizer, vfilter: VocabularyFilter | None = None, source:
         surface = _surface(token)
         if surface is None or len(surface) < vfilter.min_chars or not _LETTERS.match(surface):
             continue
+        if vfilter.shape_rules and not _shape_ok(surface.lower()):
+            continue
         candidates.setdefault(surface.lower(), []).append((surface, tid))
 
     words, ids = [], []
     for word, variants in candidates.items():
-        if zipf is not None and zipf(word, "en") < vfilter.min_zipf:
+        if zipf is not None and (zipf(word, "en") < vfilter.min_zipf
+                                 or is_fragment(word, vfilter.fragment_zipf, vfilter.fragment_ratio)):
             continue
         exact = [tid for s, tid in variants if s == word]
         ids.append(exact[0] if exact else min(tid for _, tid in variants))
@@ -144,7 +207,7 @@ def build_vocabulary(tokenizer, vfilter: VocabularyFilter | None = None, source:
         [words[i] for i in order],
         [ids[i] for i in order],
         source=source,
-        filter={"min_chars": vfilter.min_chars, "min_zipf": vfilter.min_zipf, "dictionary": vfilter.dictionary},
+        filter=dataclasses.asdict(vfilter),
     )
 
 
