@@ -59,9 +59,15 @@ class LoraSettings:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # LoRA on the last N decoder layers only (None = all). The frozen layers below then give the same
+    # hidden states for a caption at every step, so training computes them once per distinct caption
+    # and runs (and backpropagates through) only the top N layers (docs/training.md, "Text side").
+    last_layers: int | None = None
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
+        if self.last_layers is not None and self.last_layers < 1:
+            raise ValueError(f"lora.last_layers must be >= 1 or None, got {self.last_layers}")
 
 
 @dataclass

@@ -4,7 +4,9 @@ rows for the vocabulary's words), is the caption's lexical prediction."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -114,6 +116,11 @@ def _load_causal_lm(source: str, dtype: torch.dtype, tokenizer: str, arch: dict)
 
     return model, AutoTokenizer.from_pretrained(folder)
 
+
+class _StopForward(Exception):
+    """Raised by a pre-hook to end a decoder pass at the LoRA split (the rest is not needed)."""
+
+
 class TextLexicalEncoder(nn.Module):
     """LLM (+ optional LoRA) -> last-token hidden state -> scores against the frozen text codebook."""
 
@@ -136,13 +143,22 @@ class TextLexicalEncoder(nn.Module):
             # the v5 name; gradient_checkpointing_enable warns that it goes away in v6
             getattr(llm, "activation_checkpointing_enable", llm.gradient_checkpointing_enable)()
             llm.config.use_cache = False
+        # With LoRA on the top layers only, layers [0, split) are frozen and their output per caption is
+        # computed once and kept (``_prefix``): a training step runs only layers [split, L).
+        n_layers = len(llm.get_decoder().layers)
+        self.split: int | None = None
+        self._prefix: dict[str, torch.Tensor] = {}
         if cfg.lora is not None:
             import warnings
 
             from peft import LoraConfig, get_peft_model
 
+            layers = None
+            if cfg.lora.last_layers is not None and cfg.lora.last_layers < n_layers:
+                self.split = n_layers - cfg.lora.last_layers
+                layers = list(range(self.split, n_layers))
             lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                              target_modules=list(cfg.lora.target_modules))
+                              target_modules=list(cfg.lora.target_modules), layers_to_transform=layers)
             with warnings.catch_warnings():  # peft calls a transformers property deprecated in v5
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                 llm = get_peft_model(llm, lora)
@@ -187,8 +203,75 @@ class TextLexicalEncoder(nn.Module):
                               use_cache=False)
         return out.last_hidden_state[:, -1].float()
 
-    def scores(self, texts: list[str]) -> torch.Tensor:
+    # ------------------------------------------------------------ top-layers-only training pass
+    @contextlib.contextmanager
+    def _layers(self, start: int, stop: int | None = None) -> Iterator[nn.Module]:
+        """The decoder with only layers [start, stop) in place (restored on exit)."""
+        decoder = self._decoder()
+        full = decoder.layers
+        decoder.layers = nn.ModuleList(list(full)[start:stop])
+        try:
+            yield decoder
+        finally:
+            decoder.layers = full
+
+    def _lower(self, texts: list[str]) -> list[torch.Tensor]:
+        """Input of layer ``split`` for each text, (T_i, D) without padding; frozen, so no graph."""
         device = self.codebook.device
         batch = {k: v.to(device) for k, v in self.tokenize(texts).items()}
-        hidden = self.last_hidden(batch["input_ids"], batch["attention_mask"])
-        return hidden @ self.codebook.T
+        mask = batch["attention_mask"]
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        captured: list[torch.Tensor] = []
+
+        def stop(_module, args, kwargs):  # the layers above the split are not run at all
+            captured.append(args[0] if args else kwargs["hidden_states"])
+            raise _StopForward
+
+        decoder = self._decoder()
+        handle = decoder.layers[self.split].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                decoder(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids,
+                        use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        hidden = captured[0]
+        return [hidden[i, hidden.shape[1] - int(n):].detach() for i, n in enumerate(mask.sum(-1).tolist())]
+
+    def _last_hidden_split(self, texts: list[str]) -> torch.Tensor:
+        missing = [t for t in texts if t not in self._prefix]
+        for i in range(0, len(missing), 64):
+            chunk = missing[i:i + 64]
+            self._prefix.update(zip(chunk, self._lower(chunk)))
+        rows = [self._prefix[t] for t in texts]
+        width = max(r.shape[0] for r in rows)
+        hidden = rows[0].new_zeros(len(rows), width, rows[0].shape[1])
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=hidden.device)
+        for i, r in enumerate(rows):  # left padding, as the tokenizer does
+            hidden[i, width - r.shape[0]:] = r
+            mask[i, width - r.shape[0]:] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        with self._layers(self.split) as decoder:
+            out = decoder(inputs_embeds=hidden, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state[:, -1].float()
+
+    def clear_prefix_cache(self) -> None:
+        self._prefix.clear()
+
+    def scores(self, texts: list[str]) -> torch.Tensor:
+        """(B, V) codebook scores; one LLM pass per distinct text (repeats share the row and its graph)."""
+        texts = [texts] if isinstance(texts, str) else [t.strip() for t in texts]
+        distinct = list(dict.fromkeys(texts))
+        if self.split is not None and self.training and torch.is_grad_enabled():
+            hidden = self._last_hidden_split(distinct)
+        else:
+            device = self.codebook.device
+            batch = {k: v.to(device) for k, v in self.tokenize(distinct).items()}
+            hidden = self.last_hidden(batch["input_ids"], batch["attention_mask"])
+        scores = hidden @ self.codebook.T
+        if len(distinct) < len(texts):
+            row = {t: i for i, t in enumerate(distinct)}
+            scores = scores[torch.tensor([row[t] for t in texts], device=scores.device)]
+        return scores
