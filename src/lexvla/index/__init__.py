@@ -1,7 +1,7 @@
 """Sparse lexical index and explained search.
 
 Vectors live in an append-only on-disk store (``store.py``); a backend chosen by name (``exact``,
-``seismic``, ``milvus``; see ``backends.py``) proposes the top rows; every hit is re-scored from the
+``seismic``, ``milvus``; one module each in ``backends/``) proposes the top rows; every hit is re-scored from the
 stored vectors and explained word by word (``explain.py``). ``build.py`` encodes image folders and
 caption files with a model, resumably.
 """

@@ -6,7 +6,9 @@ Layout of an index folder::
     vocab.json      the lexical vocabulary (dimension -> word)
     images/         a VectorStore (see store.py) plus the backends' files for that collection
     texts/          the same for captions (image -> text search)
-    milvus.db       Milvus Lite's file, when the milvus backend runs locally
+
+Backends are looked up by name in ``lexvla.index.backends`` and describe themselves (which options are
+saved, a collection's defaults); nothing here depends on a particular backend.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from lexvla.index.backends import SearchBackend, create_backend
+from lexvla.index.backends import SearchBackend, create_backend, get_backend
 from lexvla.index.explain import Hit, explain_rows
 from lexvla.index.store import VectorStore, atomic_write_text
 from lexvla.vocab import Vocabulary
@@ -166,16 +168,9 @@ class SparseIndex:
             raise FileExistsError(f"{path} already holds an index; open it or choose another --out")
         if model.dim != len(vocab) or model.vocab_fingerprint != vocab.fingerprint():
             raise ValueError("the model record does not describe this vocabulary")
-        from lexvla.index.backends import BACKENDS
-
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown search backend {backend!r}; available: {', '.join(sorted(BACKENDS))}")
+        saved_options = get_backend(backend).options_to_save(backend_options or {})  # no secrets
         path.mkdir(parents=True, exist_ok=True)
         vocab.save(path / VOCAB_FILE)
-        saved_options = {k: v for k, v in (backend_options or {}).items() if k != "token" and v is not None}
-        if isinstance(saved_options.get("uri"), str) and "://" not in saved_options["uri"]:
-            # a Milvus Lite file given relative to the current folder must still be found from elsewhere
-            saved_options["uri"] = str(Path(saved_options["uri"]).expanduser().resolve())
         meta = {"format": INDEX_FORMAT, "uid": uuid.uuid4().hex[:12], "model": asdict(model),
                 "sparsify": asdict(sparsify or SparsifySettings()), "backend": backend,
                 "backend_options": {backend: saved_options}, "model_source": model_source}
@@ -233,9 +228,8 @@ class SparseIndex:
         """The search backend of a collection, synced with its store (thread-safe, e.g. for a web app)."""
         with self._lock:
             if collection not in self._backends:
-                options = dict(self.backend_options)
-                if self.backend_name == "milvus":
-                    options.setdefault("collection", f"lexvla_{self.meta['uid']}_{collection}")
+                defaults = get_backend(self.backend_name).collection_defaults(self.meta["uid"], collection)
+                options = {**defaults, **self.backend_options}
                 self._backends[collection] = create_backend(self.backend_name, self.store(collection), options)
             backend = self._backends[collection]
             store = self.store(collection)
@@ -245,10 +239,13 @@ class SparseIndex:
             return backend
 
     def sync(self) -> None:
-        """Bring every collection's backend up to date (e.g. build the Seismic index now, not at query time)."""
+        """Bring every collection's backend up to date and load what a search reads (stored vectors, ids),
+        so the first query pays nothing extra (e.g. build a Seismic index now, not at query time)."""
         for c in COLLECTIONS:
             if (self.path / c / "manifest.json").is_file():
                 self.backend(c)
+                store = self.store(c)
+                store.matrix(), store.items()
 
     # -- model checks ---------------------------------------------------------------------------------
     def check_model(self, model: Any) -> None:
@@ -289,8 +286,11 @@ class SparseIndex:
 
     def search_vectors(self, queries: Any, k: int = 10, collection: str = "images",
                        fingerprint: str | None = None, threshold: float | None = None,
-                       topk: int | None = None) -> list[list[Hit]]:
+                       topk: int | None = None, words: int | None = None) -> list[list[Hit]]:
         """Top-``k`` explained hits per query vector.
+
+        ``words``: build only this many contributing words per hit (largest first; None: all of them).
+        The hit's score and ``explanation.n_shared`` still count every shared word.
 
         ``fingerprint``: the model fingerprint of the queries, checked against the index when given.
         Hits are re-scored exactly from the stored vectors (the backend only proposes rows), so a hit's
@@ -313,7 +313,7 @@ class SparseIndex:
             if len(rows) == 0:
                 results.append([])
                 continue
-            explanations = explain_rows(q[i], sp.csr_matrix(matrix[rows]), self.vocab.words)
+            explanations = explain_rows(q[i], sp.csr_matrix(matrix[rows]), self.vocab.words, words)
             scored = sorted(zip(rows.tolist(), explanations), key=lambda re: (-re[1].total, re[0]))
             hits = []
             for rank, (row, expl) in enumerate(scored, start=1):

@@ -26,14 +26,32 @@ class WordContribution:
 
 @dataclass
 class Explanation:
-    """Shared words of a query and a document, sorted by contribution (largest first)."""
+    """Shared words of a query and a document, sorted by contribution (largest first).
+
+    ``words`` may be cut to the largest contributions (``search_vectors(..., words=n)``: a page shows a
+    few words per hit, and building all of them is most of a search's Python time); ``score`` and
+    ``n_shared`` always describe every shared word.
+    """
 
     words: list[WordContribution] = field(default_factory=list)
+    score: float | None = None  # sum of all contributions (float64); None: the sum of ``words``
+    n_shared: int | None = None  # number of shared words; None: len(words)
+
+    def __post_init__(self) -> None:
+        if self.n_shared is None:
+            self.n_shared = len(self.words)
 
     @property
     def total(self) -> float:
         """Sum of all contributions, in float64 (equals the hit's score)."""
+        if self.score is not None:
+            return self.score
         return float(np.sum([w.contribution for w in self.words], dtype=np.float64))
+
+    @property
+    def complete(self) -> bool:
+        """Whether ``words`` lists every shared word."""
+        return len(self.words) == self.n_shared
 
     def top(self, n: int = 5) -> list[WordContribution]:
         return self.words[:n]
@@ -74,11 +92,33 @@ def explain_pair(q_idx: np.ndarray, q_val: np.ndarray, d_idx: np.ndarray, d_val:
     ])
 
 
-def explain_rows(query: sp.csr_matrix, docs: sp.csr_matrix, words: Sequence[str]) -> list[Explanation]:
-    """Explanations of one query (1 x V CSR) against every row of ``docs``."""
-    q_idx, q_val = query.indices, query.data
+def explain_rows(query: sp.csr_matrix, docs: sp.csr_matrix, words: Sequence[str], top: int | None = None
+                 ) -> list[Explanation]:
+    """Explanations of one query (1 x V CSR) against every row of ``docs``, in one vectorised pass.
+
+    ``top``: build only the ``top`` largest contributions of each row (the score and the count of shared
+    words still cover all of them). Same result as :func:`explain_pair` row by row.
+    """
+    q = sp.csr_matrix(query, dtype=np.float64)
+    d = sp.csr_matrix(docs, dtype=np.float64)
+    d.sort_indices()
+    prod = d.multiply(q).tocsr()  # shared words only: query weight x document weight
+    prod.eliminate_zeros()
+    prod.sort_indices()
+    qdense = np.zeros(q.shape[1], dtype=np.float64)
+    qdense[q.indices] = q.data
     out = []
-    for r in range(docs.shape[0]):
-        s, e = docs.indptr[r], docs.indptr[r + 1]
-        out.append(explain_pair(q_idx, q_val, np.asarray(docs.indices[s:e]), np.asarray(docs.data[s:e]), words))
+    for r in range(prod.shape[0]):
+        s, e = prod.indptr[r], prod.indptr[r + 1]
+        dims, contrib = prod.indices[s:e], prod.data[s:e]
+        n = len(dims)
+        total = float(np.sum(contrib, dtype=np.float64))
+        order = np.lexsort((dims, -contrib))[:top]  # largest first; ties by dimension, as explain_pair
+        dims_k = dims[order]
+        ds, de = d.indptr[r], d.indptr[r + 1]
+        dw = d.data[ds:de][np.searchsorted(d.indices[ds:de], dims_k)]
+        out.append(Explanation([
+            WordContribution(words[dim], dim, float(qdense[dim]), float(w), float(c))
+            for dim, w, c in zip(dims_k.tolist(), dw.tolist(), contrib[order].tolist())
+        ], score=total, n_shared=n))
     return out
