@@ -20,7 +20,7 @@ from lexvla.data import (
     build_dataloader,
     build_feature_cache,
 )
-from lexvla.data.cache import ArrayStore, module_fingerprint
+from lexvla.data.cache import ArrayStore, backbone_fingerprint
 from lexvla.preprocess import ImagePreprocessor
 
 PREP = ImagePreprocessor(image_size=16)
@@ -157,7 +157,7 @@ def test_text_vector_cache(tmp_path):
         cache.vectors(["unknown caption"])
 
 
-def test_cache_key_and_module_fingerprint():
+def test_cache_key_and_backbone_fingerprint():
     with pytest.raises(ValueError, match="dtype"):
         CacheKey("b", "p", "d", dtype="int8")
     with pytest.raises(ValueError, match="backbone"):
@@ -165,13 +165,13 @@ def test_cache_key_and_module_fingerprint():
     assert CacheKey("b", "p", "d").digest() != CacheKey("b", "p", "e").digest()
     torch.manual_seed(0)
     a = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))  # BN has a 0-dim int buffer
-    fp = module_fingerprint(a)
-    assert fp == module_fingerprint(a)
+    fp = backbone_fingerprint(a)
+    assert fp == backbone_fingerprint(a)
     with torch.no_grad():
         a[0].weight[0, 0] += 1
-    assert module_fingerprint(a) != fp
+    assert backbone_fingerprint(a) != fp
     a[1].num_batches_tracked += 1
-    assert len({fp, module_fingerprint(a)}) == 2
+    assert len({fp, backbone_fingerprint(a)}) == 2
 
 
 def test_cached_features_feed_the_model_like_raw_pixels(tmp_path, tiny_model):
@@ -182,7 +182,7 @@ def test_cached_features_feed_the_model_like_raw_pixels(tmp_path, tiny_model):
     ds = load_easyvqa("test", caption_mode="first")
     ds.records, ds._index = ds.records[:6], ds._index[:6]
     res = build_feature_cache(tmp_path, ds, tiny_model.image_features, tiny_model.preprocess,
-                              backbone=module_fingerprint(tiny_model.backbone),
+                              backbone=backbone_fingerprint(tiny_model.backbone),
                               preprocessing=repr(tiny_model.preprocess), dtype="float32")
     cached = next(iter(build_dataloader(CachedPairDataset(res.store), batch_size=6, shuffle=False)))
     raw = next(iter(build_dataloader(ds, batch_size=6, preprocess=tiny_model.preprocess, shuffle=False)))

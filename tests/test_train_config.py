@@ -139,8 +139,8 @@ def test_backbone_fingerprint_follows_weights_only() -> None:
     """The feature-cache key: same for equal backbones, different when a weight or buffer changes
     (VGG's BatchNorm holds 0-dim buffers, which must hash too)."""
     from lexvla.config import BackboneConfig
+    from lexvla.data.cache import backbone_fingerprint
     from lexvla.models.backbones import create_backbone
-    from lexvla.train.data import backbone_fingerprint
 
     cfg = BackboneConfig(name="vgg16bn", source="random", image_size=32, taps=(5,))
     torch.manual_seed(0)

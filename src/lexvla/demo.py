@@ -311,18 +311,17 @@ def _prebuild_caches(tcfg, model: Any, progress: bool) -> None:
     (it has no bars of its own for them)."""
     from tqdm.auto import tqdm
 
-    from .data import TextVectorCache, build_feature_cache
-    from .train.data import SourceContext, backbone_fingerprint, build_source, cache_root, text_fingerprint
+    from .data import TextVectorCache
+    from .data.cache import cache_backbone_features
+    from .train.data import SourceContext, build_source, cache_root, text_fingerprint
 
     source = build_source(tcfg.data, SourceContext(0, 1, tcfg.seed, None))
     records = source.pair_records()
     n_images = len({r.image_id for r in records})
     with tqdm(total=n_images, desc="backbone features (train)", unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
-        build_feature_cache(cache_root(tcfg.data.feature_cache, "features"), source, model.image_features,
-                            model.preprocess, backbone=backbone_fingerprint(model.backbone),
-                            preprocessing=repr(model.preprocess), dtype=tcfg.data.cache_dtype,
-                            progress=lambda n: bar.update(n - bar.n))
+        cache_backbone_features(cache_root(tcfg.data.feature_cache, "features"), source, model.backbone,
+                                tcfg.data.cache_dtype, model.image_features, progress=lambda n: bar.update(n - bar.n))
     if tcfg.data.text_cache:
         captions = sorted({r.caption for r in records})
         with tqdm(total=len(captions), desc="caption vectors", unit="caption", disable=not progress,
@@ -353,11 +352,12 @@ def _evaluate(model: Any, cfg: DemoConfig, progress: bool) -> _Evaluation:
     """Zero-shot retrieval on the easy-vqa test split, from cached backbone features and text vectors."""
     from tqdm.auto import tqdm
 
-    from .data import TextVectorCache, build_feature_cache
+    from .data import TextVectorCache
+    from .data.cache import cache_backbone_features
     from .eval.encode import Sparsification
     from .eval.retrieval import retrieval_from_vectors
     from .eval.retrieval_data import RetrievalDataConfig, load_retrieval_set
-    from .train.data import backbone_fingerprint, text_fingerprint
+    from .train.data import text_fingerprint
 
     roots = _cache_roots(cfg)
     data = load_retrieval_set("easy-vqa", RetrievalDataConfig(split="test", captions_per_image=None,
@@ -368,9 +368,8 @@ def _evaluate(model: Any, cfg: DemoConfig, progress: bool) -> _Evaluation:
                           test.split, test.caption_mode)
     with tqdm(total=len(test), desc="backbone features (test)", unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
-        built = build_feature_cache(roots["features"], test, model.image_features, model.preprocess,
-                                    backbone=backbone_fingerprint(model.backbone), preprocessing=repr(model.preprocess),
-                                    progress=lambda n: bar.update(n - bar.n))
+        built = cache_backbone_features(roots["features"], test, model.backbone, features_fn=model.image_features,
+                                        progress=lambda n: bar.update(n - bar.n))
     key_of = {str(Path(r.path)): r.key for r in test.records}
     missing = [p for p in data.image_paths if str(p) not in key_of]
     if missing:

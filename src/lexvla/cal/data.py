@@ -140,11 +140,14 @@ def compute_features(backbone: torch.nn.Module, images: Sequence[str], batch_siz
     from safetensors.torch import load_file, save_file
 
     from lexvla.cal.conditions import gaussian_blur
+    from lexvla.data.cache import backbone_fingerprint
 
     unique = sorted(set(images))
     file = None
     if cache is not None:
-        key = json.dumps({"backbone": repr(backbone.cfg), "images": unique, "blur": blur_sigma}, sort_keys=True)
+        # the one backbone identity of every feature cache (lexvla.data.cache), not the config's repr
+        key = json.dumps({"backbone": backbone_fingerprint(backbone), "preprocessing": repr(backbone.preprocess),
+                          "images": unique, "blur": blur_sigma}, sort_keys=True)
         file = Path(cache) / f"features-{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors"
         if file.is_file():
             stacked = load_file(file)["features"]

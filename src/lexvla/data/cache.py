@@ -22,6 +22,7 @@ one chunk). ``index.json`` marks a finished cache; opening one never calls the c
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -379,14 +380,31 @@ def build_feature_cache(
     return result
 
 
-def module_fingerprint(module: torch.nn.Module) -> str:
-    """Hash of a module's class, parameters and buffers (names, shapes, values): a cache key part that
-    changes whenever the weights do, e.g. for randomly initialised backbones."""
-    h = hashlib.sha256(type(module).__qualname__.encode())
-    for name, t in itertools.chain(module.named_parameters(), module.named_buffers()):
+def backbone_fingerprint(backbone: torch.nn.Module) -> str:
+    """The one identity of a frozen network in every feature-cache key (the trainer, ``lexvla data cache``,
+    the demo and CAL all call this): its class, its config (``backbone.cfg``, where it has one) less the
+    weight source, and every parameter and buffer (name, shape, dtype, values). The weights are hashed,
+    so where they came from does not matter; the trained parts of a model never enter it."""
+    h = hashlib.sha256(type(backbone).__qualname__.encode())
+    cfg = getattr(backbone, "cfg", None)
+    if cfg is not None and dataclasses.is_dataclass(cfg):
+        fields = {k: v for k, v in asdict(cfg).items() if k != "source"}
+        h.update(json.dumps(fields, sort_keys=True, default=str).encode())
+    for name, t in itertools.chain(backbone.named_parameters(), backbone.named_buffers()):
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.detach().to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def cache_backbone_features(root: str | Path, source: Any, backbone: torch.nn.Module, dtype: str = "float16",
+                            features_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                            **kwargs: Any) -> BuildResult:
+    """:func:`build_feature_cache` keyed the one way: :func:`backbone_fingerprint` and the backbone's own
+    ``preprocess``. ``features_fn`` defaults to the backbone (a model passes ``model.image_features`` to
+    run it on its device); ``kwargs`` go to :func:`build_feature_cache` (batch size, progress)."""
+    return build_feature_cache(root, source, features_fn or backbone, backbone.preprocess,
+                               backbone=backbone_fingerprint(backbone), preprocessing=repr(backbone.preprocess),
+                               dtype=dtype, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------- text

@@ -81,18 +81,15 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    import torch
 
-    from lexvla.data.cache import build_feature_cache, module_fingerprint
+    from lexvla.data.cache import cache_backbone_features
     from lexvla.models import get_config
     from lexvla.models.backbones import create_backbone
 
     source = source_from_args(args)
-    torch.manual_seed(args.seed)  # a randomly initialised backbone (a control) must be the same every run
     backbone = create_backbone(get_config(args.model).backbone).eval()
     t0 = time.perf_counter()
-    res = build_feature_cache(args.out, source, backbone, backbone.preprocess, backbone=module_fingerprint(backbone),
-                              preprocessing=repr(backbone.preprocess), dtype=args.dtype, batch_size=args.batch_size)
+    res = cache_backbone_features(args.out, source, backbone, args.dtype, batch_size=args.batch_size)
     _out(f"{res.store.folder}: {len(res.store)} images x {res.store.row_shape} ({res.store.key.dtype}); "
          f"computed {res.computed_rows}, reused {res.reused_rows}, {time.perf_counter() - t0:.1f}s")
     if res.skips.skipped:
@@ -106,7 +103,7 @@ def _bench_cache(args: argparse.Namespace) -> int:
 
     import torch
 
-    from lexvla.data.cache import CachedPairDataset, build_feature_cache, module_fingerprint
+    from lexvla.data.cache import CachedPairDataset, cache_backbone_features
     from lexvla.data.loader import build_dataloader
     from lexvla.data.sources import FirstPairs
     from lexvla.models import get_config
@@ -117,7 +114,6 @@ def _bench_cache(args: argparse.Namespace) -> int:
         if not hasattr(source, "pair_record"):
             raise ValueError("--limit needs a map-style source (manifest, HF dataset, easy-vqa)")
         source = FirstPairs(source, args.limit)
-    torch.manual_seed(args.seed)
     backbone = create_backbone(get_config(args.model).backbone).eval()
 
     def timed(loader: Any, fn: Any) -> tuple[float, float, int]:
@@ -133,8 +129,7 @@ def _bench_cache(args: argparse.Namespace) -> int:
          f"cpu {raw[1]:.1f}s ({raw[2] / raw[1]:.1f} pairs/cpu-s)")
     with tempfile.TemporaryDirectory() as root:
         t0 = time.perf_counter()
-        res = build_feature_cache(root, source, backbone, backbone.preprocess, module_fingerprint(backbone),
-                                  repr(backbone.preprocess), batch_size=args.batch_size)
+        res = cache_backbone_features(root, source, backbone, batch_size=args.batch_size)
         _out(f"cache build: {time.perf_counter() - t0:.1f}s, {len(res.store)} rows of {res.store.row_shape}")
         cached_ds = CachedPairDataset(res.store)
         for epoch in range(2):
@@ -167,7 +162,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="cache root folder")
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0, help="torch seed before building a random-init backbone")
     p.set_defaults(func=_cache)
 
     p = sub.add_parser("bench-cache", help="time an epoch with the backbone vs. from the feature cache")
@@ -175,5 +169,4 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model", default="lexvla-embedded", help="zoo name whose backbone to run")
     p.add_argument("--limit", type=int, default=256, help="first N pairs of the source (0 = all)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_bench_cache)

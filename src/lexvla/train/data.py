@@ -10,7 +10,6 @@ DataLoader workers; a resumed stream is re-read and the consumed batches are dro
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -32,8 +31,8 @@ from ..data import (
     TarShardSource,
     TextVectorCache,
     build_dataloader,
-    build_feature_cache,
 )
+from ..data.cache import cache_backbone_features
 from .config import DataSection
 
 logger = logging.getLogger(__name__)
@@ -103,16 +102,6 @@ def build_source(cfg: DataSection, ctx: SourceContext) -> Any:
 
 
 # ------------------------------------------------------------------------------------------- cache keys
-def backbone_fingerprint(backbone: Any) -> str:
-    """Identity of a frozen backbone (``model.backbone``): its config and a hash of its weights and
-    buffers; the trained parts of the model never enter it, so the feature cache outlives training."""
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(backbone.cfg), sort_keys=True).encode())
-    for name, t in sorted(backbone.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def text_fingerprint(model: Any) -> str:
     """Identity of a frozen text side: LLM source, prompt, mapper and vocabulary."""
     cfg = model.config.to_dict()
@@ -183,7 +172,6 @@ class TrainStream:
     # ------------------------------------------------------------------ caches
     def _feature_dataset(self, source: Any, model: Any) -> CachedPairDataset:
         root = cache_root(self.cfg.feature_cache, "features")
-        key = backbone_fingerprint(model.backbone)
 
         def build():
             from tqdm.auto import tqdm
@@ -191,9 +179,8 @@ class TrainStream:
             n = len({r.image_id for r in source.pair_records()}) if hasattr(source, "pair_records") else None
             with tqdm(total=n, desc="feature cache", unit="img", dynamic_ncols=True,
                       disable=not (self.progress and self.acc.is_main_process)) as bar:
-                return build_feature_cache(root, source, model.image_features, model.preprocess, backbone=key,
-                                           preprocessing=repr(model.preprocess), dtype=self.cfg.cache_dtype,
-                                           progress=lambda done: bar.update(done - bar.n))
+                return cache_backbone_features(root, source, model.backbone, self.cfg.cache_dtype,
+                                               model.image_features, progress=lambda done: bar.update(done - bar.n))
 
         # The main process computes; the others then find the finished cache.
         with self.acc.main_process_first():
