@@ -163,7 +163,11 @@ class LexVLA(nn.Module):
             self.config.save(tmp / CONFIG_FILE)
             self.vocab.save(tmp / VOCAB_FILE)
             save_file(self.trainable_state_dict(), tmp / WEIGHTS_FILE, metadata={"format": "lexvla"})
+            self._save_extra(tmp)
         return path
+
+    def _save_extra(self, folder: Path) -> None:
+        """Subclasses (the dense baseline) add their own files to a checkpoint here."""
 
     def load_trained(self, state: dict[str, torch.Tensor]) -> None:
         expected = {n for n, p in self.named_parameters() if p.requires_grad}

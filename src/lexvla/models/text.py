@@ -261,7 +261,11 @@ class TextLexicalEncoder(nn.Module):
         self._prefix.clear()
 
     def scores(self, texts: list[str]) -> torch.Tensor:
-        """(B, V) codebook scores; one LLM pass per distinct text (repeats share the row and its graph)."""
+        """(B, V) scores against the frozen text codebook."""
+        return self.hidden(texts) @ self.codebook.T
+
+    def hidden(self, texts: list[str]) -> torch.Tensor:
+        """(B, D) last-token states; one LLM pass per distinct text (repeats share the row and its graph)."""
         texts = [texts] if isinstance(texts, str) else [t.strip() for t in texts]
         distinct = list(dict.fromkeys(texts))
         if self.split is not None and self.training and torch.is_grad_enabled():
@@ -270,8 +274,7 @@ class TextLexicalEncoder(nn.Module):
             device = self.codebook.device
             batch = {k: v.to(device) for k, v in self.tokenize(distinct).items()}
             hidden = self.last_hidden(batch["input_ids"], batch["attention_mask"])
-        scores = hidden @ self.codebook.T
         if len(distinct) < len(texts):
             row = {t: i for i, t in enumerate(distinct)}
-            scores = scores[torch.tensor([row[t] for t in texts], device=scores.device)]
-        return scores
+            hidden = hidden[torch.tensor([row[t] for t in texts], device=hidden.device)]
+        return hidden

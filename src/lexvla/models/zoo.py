@@ -68,6 +68,10 @@ def load(path: str | Path) -> LexVLA:
     for f in (CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE):
         if not (path / f).is_file():
             raise FileNotFoundError(f"{path} is not a LexVLA checkpoint: {f} is missing")
+    from .dense import DENSE_FILE, DenseBaseline
+
+    if (path / DENSE_FILE).is_file():
+        return DenseBaseline.load(path)
     model = LexVLA(LexVLAConfig.load(path / CONFIG_FILE), vocab=Vocabulary.load(path / VOCAB_FILE))
     model.load_trained(load_file(path / WEIGHTS_FILE))
     return model.eval()
