@@ -1,4 +1,4 @@
-"""Data for LexVLA: the easy-vqa toy set, image-text pair sources, feature caches and loaders."""
+"""Data for LexVLA: emoji (three styles, CLDR names), the easy-vqa toy set, image-text pair sources, feature caches and loaders."""
 
 from lexvla.data.cache import (
     ArrayStore,
@@ -20,7 +20,9 @@ from lexvla.data.easyvqa import (
     load_easyvqa,
     write_masks,
 )
+from lexvla.data.emoji import EmojiConfig, EmojiDataset, fetch_emoji, load_emoji
 from lexvla.data.loader import Batch, EpochSampler, PairCollator, build_dataloader
+from lexvla.data.records import read_manifest, write_manifest
 from lexvla.data.sources import (
     FirstPairs,
     HFDatasetSource,
@@ -41,4 +43,5 @@ __all__ = [
     "ManifestSource", "Pair", "PairCollator", "PairRecord", "SkipStats", "Skipped", "TarShardSource",
     "TextVectorCache", "analyse_shape_pixels", "build_cache", "build_dataloader", "build_feature_cache",
     "decode_image", "expand_shards", "load_easyvqa", "write_masks",
+    "EmojiConfig", "EmojiDataset", "fetch_emoji", "load_emoji", "read_manifest", "write_manifest",
 ]

@@ -131,7 +131,7 @@ class ArrayStore:
         if not path.is_file():
             return []
         with path.open(encoding="utf-8") as f:
-            return [PairRecord(**json.loads(line)) for line in f if line.strip()]
+            return [PairRecord.from_dict(json.loads(line)) for line in f if line.strip()]
 
     @property
     def skips(self) -> SkipStats:
@@ -163,7 +163,7 @@ class _ChunkWriter:
             self.chunks.append({"file": meta["file"], "ids": meta_path.name, "rows": len(meta["ids"])})
             self.done.update(meta["ids"])
             for p in meta.get("pairs", []):
-                self.pairs[p["id"]] = PairRecord(**p)
+                self.pairs[p["id"]] = PairRecord.from_dict(p)
         self.reused = len(self.done)
         self.row_shape: tuple[int, ...] | None = None
         if self.chunks:
@@ -205,14 +205,14 @@ class _ChunkWriter:
                                                                    self.key.numpy_dtype))
         # the .json is the commit record: a chunk without it is ignored (and overwritten) on resume
         atomic_write_text(self.folder / f"{name}.json", json.dumps({
-            "file": f"{name}.npy", "ids": self._ids, "pairs": [asdict(p) for p in self._pending_pairs]}))
+            "file": f"{name}.npy", "ids": self._ids, "pairs": [p.to_dict() for p in self._pending_pairs]}))
         self.chunks.append({"file": f"{name}.npy", "ids": f"{name}.json", "rows": len(self._ids)})
         self._rows, self._ids, self._pending_pairs = [], [], []
 
     def finish(self, skips: SkipStats, with_pairs: bool) -> None:
         self.commit()
         if with_pairs:
-            lines = [json.dumps(asdict(p)) for p in self.pairs.values() if p.image_id in self.done]
+            lines = [json.dumps(p.to_dict()) for p in self.pairs.values() if p.image_id in self.done]
             atomic_write_text(self.folder / PAIRS_FILE, "\n".join(lines) + ("\n" if lines else ""))
         atomic_write_text(self.folder / INDEX_FILE, json.dumps({
             "key": asdict(self.key),

@@ -139,8 +139,25 @@ def _bench_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fetch(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    if args.dataset == "emoji":
+        from lexvla.data.emoji import STYLE_NAMES, PrepareSettings, fetch_emoji
+
+        styles = tuple(s for s in (args.styles or ",".join(STYLE_NAMES)).split(",") if s)
+        report = fetch_emoji(styles, root=args.root, settings=PrepareSettings(size=args.size),
+                             source_dir=args.source_dir, progress=not args.no_progress)
+        for r in report.styles.values():
+            _out(r.summary())
+        _out(report.table())
+        _out(f"{report.root}: {'nothing to do, all styles up to date' if report.up_to_date else 'prepared'} "
+             f"in {time.perf_counter() - t0:.1f}s")
+        return 0
+    raise SystemExit(f"lexvla data fetch: unknown data set {args.dataset!r}")
+
+
 def register(subparsers: Any) -> None:
-    data = subparsers.add_parser("data", help="datasets: easy-vqa, source checks, feature caches")
+    data = subparsers.add_parser("data", help="datasets: fetch (emoji, ...), easy-vqa, source checks, feature caches")
     sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
 
     p = sub.add_parser("easyvqa", help="recover easy-vqa labels; optionally write masks and a manifest")
@@ -150,6 +167,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--pixel-fallback", action="store_true", help="label what the questions leave open from pixels")
     p.set_defaults(func=_easyvqa)
+
+    p = sub.add_parser("fetch", help="download pinned registry packages into the cache and prepare a data set")
+    p.add_argument("dataset", choices=("emoji",), help="emoji: Noto, Fluent 3D and OpenMoji with CLDR names")
+    p.add_argument("--styles", help="emoji styles, comma-separated (default: noto,fluent,openmoji)")
+    p.add_argument("--size", type=int, default=224, help="prepared image size in px (square)")
+    p.add_argument("--root", help="where to prepare (default: $LEXVLA_CACHE/data/<dataset>)")
+    p.add_argument("--from", dest="source_dir", help="folder holding the package files (no download)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_fetch)
 
     p = sub.add_parser("check", help="read every sample of a source and report what would be skipped")
     add_source_arguments(p)

@@ -35,6 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from lexvla.data.records import PairRecord
 from lexvla.io import atomic_write_text
 from lexvla.preprocess import IMAGE_SUFFIXES, ImageLoadError, load_image, to_rgb
 
@@ -58,16 +59,6 @@ class Pair:
     caption: str
     id: str
     image_id: str
-
-
-@dataclass(frozen=True)
-class PairRecord:
-    """A pair's metadata without the decoded image (``image`` is a path, or None for tar members)."""
-
-    id: str
-    image_id: str
-    caption: str
-    image: str | None = None
 
 
 @dataclass(frozen=True)

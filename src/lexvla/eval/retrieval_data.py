@@ -352,3 +352,27 @@ def easy_vqa(config: RetrievalDataConfig) -> RetrievalSet:
         list(texts.values()),
         protocol,
     )
+
+
+def _emoji(name: str) -> Callable[[RetrievalDataConfig], RetrievalSet]:
+    def load(config: RetrievalDataConfig) -> RetrievalSet:
+        """Emoji by concept (``lexvla.data.emoji``): one text per concept, "an emoji of <name>"; a match =
+        the same concept (all skin tones of a hand match its name)."""
+        from ..data.emoji import DATASET_STYLES, EmojiConfig, load_images, retrieval_texts
+
+        images = load_images(EmojiConfig(styles=DATASET_STYLES[name], split=config.split))
+        images = images[: config.limit] if config.limit else images
+        concepts, texts = retrieval_texts(images)
+        ids = {c: i for i, c in enumerate(concepts)}
+        protocol = {"source": "lexvla.data.emoji", "styles": list(DATASET_STYLES[name]), "split": config.split,
+                    "match": "same concept (base emoji code)", "texts": "an emoji of <concept name>, one per concept",
+                    "lowercase": config.lowercase, "limit": config.limit}
+        return RetrievalSet(f"{name}-{config.split}", [im.image for im in images],
+                            [clean_caption(t, config.lowercase) for t in texts],
+                            [ids[im.concept] for im in images], list(range(len(concepts))), protocol)
+
+    return load
+
+
+for _name in ("emoji-noto", "emoji-fluent", "emoji-openmoji", "emoji"):
+    register_retrieval_dataset(_name)(_emoji(_name))

@@ -90,6 +90,21 @@ def _easy_vqa(options: dict[str, Any], ctx: SourceContext) -> Any:
     return load_easyvqa(split, EasyVQAConfig(**options), caption_mode=mode)
 
 
+def _emoji_source(name: str) -> Callable[[dict[str, Any], SourceContext], Any]:
+    def factory(options: dict[str, Any], ctx: SourceContext) -> Any:
+        """options: split (train), captions, caption_mode, max_keywords, root (EmojiConfig fields)."""
+        from ..data.emoji import DATASET_STYLES, EmojiConfig, load_emoji
+
+        options = {"styles": DATASET_STYLES[name], "seed": ctx.seed, **options}
+        return load_emoji(config=EmojiConfig(**options))
+
+    return factory
+
+
+for _name in ("emoji-noto", "emoji-fluent", "emoji-openmoji", "emoji"):
+    register_train_source(_name)(_emoji_source(_name))
+
+
 def build_source(cfg: DataSection, ctx: SourceContext) -> Any:
     try:
         factory = TRAIN_SOURCES[cfg.source]
