@@ -159,3 +159,18 @@ def test_localisation_auc_and_patch_object_share():
     label[0, 2] = 1  # one of four pixels of the top-right patch
     share = patch_object_share(label, (2, 2), background=0)
     assert share[0] == 1.0 and share[1] == 0.25 and share[2] == 0.0 and np.isnan(share[3])
+
+
+def test_overused_outside_caption_and_top_word_share():
+    import torch
+
+    from lexvla.eval.sparsity import overused_outside_caption, top_word_share
+
+    words = ["the", "cat", "dog", "red"]
+    v = torch.tensor([[0.5, 0.8, 0.0, 0.0], [0.5, 0.0, 0.8, 0.0], [0.5, 0.0, 0.0, 0.8], [0.0, 0.9, 0.0, 0.0]])
+    caps = ["The cat", "a dog", "red!", "cat"]
+    top = overused_outside_caption(v, caps, words)
+    assert top[0].word == "the" and abs(top[0].active_share - 0.5) < 1e-6  # named in caption 0: not counted
+    assert all(w.word != "cat" for w in top)  # active only where named
+    share = top_word_share(torch.tensor([[1.0, 1.0, 2.0]]), torch.tensor([[1.0, 1.0, 1.0]]), k=1)
+    assert abs(float(share[0]) - 0.5) < 1e-6

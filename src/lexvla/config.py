@@ -108,8 +108,13 @@ class MapperConfig:
     margin: float = 2.0  # subtracted after centering: only words `margin` std above the mean get > 1
     threshold: str | float | None = "inv_sqrt_v"  # default sparsification at inference
     topk: int | None = None
+    # Top-k inside the mapper, in training and at inference alike: each vector keeps at most this many
+    # words before the L2 norm (gradients reach the kept ones only). None = no cap.
+    max_words: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_words is not None and self.max_words < 1:
+            raise ValueError(f"max_words must be >= 1 or None, got {self.max_words}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.centering not in CENTERINGS:

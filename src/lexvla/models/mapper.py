@@ -34,17 +34,25 @@ class LexicalMapper(nn.Module):
     def normalize(x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1, eps=1e-12)
 
+    def cap(self, x: torch.Tensor) -> torch.Tensor:
+        """Keep the ``max_words`` largest entries of each vector (all when unset)."""
+        k = self.cfg.max_words
+        if k is None or k >= x.shape[-1]:
+            return x
+        idx = x.topk(k, dim=-1).indices
+        return x * torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True)
+
     def text(self, scores: torch.Tensor) -> torch.Tensor:
         """(B, V) last-token scores -> (B, V) lexical vectors."""
-        return self.normalize(self.activate(scores))
+        return self.normalize(self.cap(self.activate(scores)))
 
     def image(self, patch_scores: torch.Tensor, return_patches: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, P, V) patch scores -> image vectors (B, V) by max over patches, and optionally the
         per-patch lexical vectors (B, P, V), each normalised on its own."""
         act = self.activate(patch_scores)
-        vectors = self.normalize(act.amax(dim=1))
-        return vectors, (self.normalize(act) if return_patches else None)
+        vectors = self.normalize(self.cap(act.amax(dim=1)))
+        return vectors, (self.normalize(self.cap(act)) if return_patches else None)
 
     def default_threshold(self, vocab_size: int) -> float | None:
         t = self.cfg.threshold
