@@ -234,7 +234,8 @@ def test_cli_inspect_writes_heat_map(tmp_path, images, capsys, parts):
                    "--top", "2", "--output", str(tmp_path / "rank")])
     rows = [json.loads(x) for x in (tmp_path / "rank.jsonl").read_text().splitlines()]
     assert rc == 0 and len(rows) == 4
-    assert [r["logit_diff"] for r in rows] == sorted(r["logit_diff"] for r in rows)
+    assert [r["score"] for r in rows] == sorted(r["score"] for r in rows)  # most contradicted word first
+    assert all(r["most_contradicted_word"] != "a" for r in rows)  # function words are never scored
 
 
 def test_experiment_helpers_and_report(tmp_path):

@@ -68,8 +68,14 @@ def register(subparsers) -> None:
     i.add_argument("--image", help="image file (single mode)")
     i.add_argument("--text", action="append", default=[], help="caption to score (repeat for several)")
     i.add_argument("--question", default=None, help="score the texts as answers to this question instead")
-    i.add_argument("--manifest", help="batch mode: JSONL of {image, caption}; ranks captions by least-supported token")
+    i.add_argument("--manifest", help="batch mode: JSONL of {image, caption[, noisy]}; ranks captions by their most "
+                                      "contradicted content word (with 'noisy' labels: ROC AUC)")
     i.add_argument("--top", type=int, default=20, help="batch mode: how many captions to show")
+    i.add_argument("--signal", default="pmi", choices=("pmi", "logit_diff", "raw"),
+                   help="finder signal (pmi: log-prob gain from the image; logit_diff: CAL's raw difference, "
+                        "normalised); raw: CAL's unnormalised raw difference on every token (single mode)")
+    i.add_argument("--normalise", default="function", choices=("function", "median", "none"),
+                   help="per-caption normalisation of the finder signal")
     i.add_argument("--output", required=True, help="output prefix: PREFIX.html, PREFIX.png (batch: PREFIX.jsonl)")
     i.set_defaults(func=cmd_inspect)
 
@@ -129,11 +135,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from lexvla.cal.inspect import rank_captions, render_html, render_png, token_correlations
+    from lexvla.cal.finder import FinderConfig, roc_auc
+    from lexvla.cal.inspect import (
+        FINDER_LEGEND,
+        RAW_LEGEND,
+        find_noisy,
+        rank_captions,
+        render_html,
+        render_png,
+        token_correlations,
+    )
     from lexvla.cal.vlm import SmallVLM
     from lexvla.preprocess import load_image
 
     model = SmallVLM.from_pretrained(args.checkpoint)
+    finder = FinderConfig(signal=args.signal, normalise=args.normalise) if args.signal != "raw" else FinderConfig()
     prefix = Path(args.output)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     if args.manifest:
@@ -142,33 +158,57 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         records = [r for r in read_manifest(args.manifest) if r.question is None]
         if not records:
             raise ValueError(f"manifest {args.manifest} has no caption records")
+        rows = [json.loads(line) for line in Path(args.manifest).read_text().splitlines() if line.strip()]
+        labels = [r.get("noisy") for r in rows if "caption" in r]
         feats = compute_features(model.backbone, [r.image for r in records])
-        ranked = rank_captions(model, [r.image for r in records], [r.target for r in records], feats)
+        ranked = rank_captions(model, [r.image for r in records], [r.target for r in records], feats, config=finder)
         with prefix.with_suffix(".jsonl").open("w") as f:
-            for idx, row in ranked:
-                tok, val = row.least_supported()
+            for idx, row, sc in ranked:
+                worst = None if sc.worst_word is None else find_words(row.text)[sc.worst_word]
                 f.write(json.dumps({"index": idx, "image": records[idx].image, "caption": row.text,
-                                    "least_supported_token": tok, "logit_diff": val,
-                                    "tokens": row.tokens, "logit_diffs": row.logit_diff}) + "\n")
-        top = [row for _, row in ranked[:args.top]]
-        render_html(top, prefix.with_suffix(".html"), title=f"{args.top} least image-supported captions")
-        for idx, row in ranked[:args.top]:
-            tok, val = row.least_supported()
-            _say(f"{val:+7.2f}  {tok.strip()!r:14} {row.text}   [{records[idx].image}]")
+                                    "score": sc.score, "most_contradicted_word": worst, "ce": sc.ce,
+                                    "tokens": row.tokens, "finder_scores": sc.token_scores,
+                                    "logit_diffs": row.logit_diff, "noisy": labels[idx]}) + "\n")
+        top = ranked[:args.top]
+        notes = [f"score {sc.score:+.2f} (most contradicted: {find_words(row.text)[sc.worst_word] if sc.worst_word is not None else '-'}); "
+                 f"caption CE {sc.ce:.2f}; {Path(records[idx].image).name}" for idx, row, sc in top]
+        render_html([row for _, row, _ in top], prefix.with_suffix(".html"), values=[sc.token_scores for _, _, sc in top],
+                    legend=FINDER_LEGEND, notes=notes, title=f"{len(top)} captions with the most contradicted words")
+        for idx, row, sc in top:
+            word = find_words(row.text)[sc.worst_word] if sc.worst_word is not None else "-"
+            _say(f"{sc.score:+7.2f}  {word!r:14} {row.text}   [{records[idx].image}]")
+        if all(isinstance(v, bool) for v in labels) and 0 < sum(labels) < len(labels):
+            by_idx = {idx: sc for idx, _, sc in ranked}
+            order = sorted(by_idx)
+            auc = roc_auc([-by_idx[i].score for i in order], [labels[i] for i in order])
+            auc_ce = roc_auc([by_idx[i].ce for i in order], [labels[i] for i in order])
+            _say(f"manifest labels ('noisy'): ROC AUC finder {auc:.3f}, caption CE {auc_ce:.3f} "
+                 f"({sum(labels)} of {len(labels)} noisy)")
         _say(f"wrote {prefix.with_suffix('.jsonl')} and {prefix.with_suffix('.html')}")
         return 0
     if not args.image or not args.text:
         raise ValueError("inspect needs --image and at least one --text (or --manifest for batch mode)")
     image = load_image(args.image)
     feats = model.image_features(model.preprocess([image]))
-    rows = token_correlations(model, feats, args.text, question=args.question)
+    rows = token_correlations(model, feats, [t.strip() for t in args.text], question=args.question)
     title = f"{Path(args.image).name}" + (f" | Q: {args.question}" if args.question else "")
-    render_html(rows, prefix.with_suffix(".html"), title=title, image=image)
-    render_png(rows, prefix.with_suffix(".png"), image=image, title=title)
-    for row in rows:
-        _say("  ".join(f"{t.strip()}:{v:+.2f}" for t, v in zip(row.tokens, row.logit_diff, strict=True)))
+    if args.signal == "raw" or args.question:
+        values, legend, label = [r.logit_diff for r in rows], RAW_LEGEND, "logit diff"
+    else:
+        values = [find_noisy(r, model.tokenizer, config=finder).token_scores for r in rows]
+        legend, label = FINDER_LEGEND, f"finder score ({args.signal}, {args.normalise})"
+    render_html(rows, prefix.with_suffix(".html"), title=title, image=image, values=values, legend=legend)
+    render_png(rows, prefix.with_suffix(".png"), image=image, title=title, values=values, label=label)
+    for row, vals in zip(rows, values, strict=True):
+        _say("  ".join(f"{t.strip()}:{'.' if v is None else f'{v:+.2f}'}" for t, v in zip(row.tokens, vals, strict=True)))
     _say(f"wrote {prefix.with_suffix('.html')} and {prefix.with_suffix('.png')}")
     return 0
+
+
+def find_words(text: str) -> list[str]:
+    from lexvla.cal.captions import text_words
+
+    return [w.text for w in text_words(text.strip())]
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:

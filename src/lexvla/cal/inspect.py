@@ -10,12 +10,14 @@ from __future__ import annotations
 import html
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from lexvla.cal.captions import Word, text_words, token_words
 from lexvla.cal.data import format_target
+from lexvla.cal.finder import FinderConfig, ScoredCaption, score_caption
 from lexvla.cal.loss import CALConfig, CALLoss, ground_truth_logits
 from lexvla.cal.vlm import SmallVLM
 
@@ -29,6 +31,14 @@ class TokenCorrelation:
     text: str
     tokens: list[str]
     logit_diff: list[float]
+    token_ids: list[int] = field(default_factory=list)
+    logprob: list[float] = field(default_factory=list)  # log p(token | image, prefix)
+    logprob_text: list[float] = field(default_factory=list)  # log p(token | prefix), image removed
+
+    @property
+    def pmi(self) -> list[float]:
+        """Per token, how much the image raises its log-probability over the text-only prediction."""
+        return [a - b for a, b in zip(self.logprob, self.logprob_text, strict=True)]
 
     @property
     def min_diff(self) -> float:
@@ -64,23 +74,31 @@ def token_correlations(model: SmallVLM, features: torch.Tensor, texts: Sequence[
     logits_wo = loss.without_image_logits(model.logits, inputs, keep)
     labels = inputs.labels[:, -keep:]
     diff = (ground_truth_logits(logits, labels) - ground_truth_logits(logits_wo, labels)).cpu()
+    lp = ground_truth_logits(logits.float().log_softmax(-1), labels).cpu()
+    lp_wo = ground_truth_logits(logits_wo.float().log_softmax(-1), labels).cpu()
     out = []
     eos = model.tokenizer.eos_token_id
     for i, text in enumerate(texts):
         ids = labels[i, 1:].tolist()
-        pieces, values = [], []
+        row = TokenCorrelation(text, [], [])
         for j, tid in enumerate(ids):
             if tid == -100 or tid == eos:
                 continue
-            pieces.append(model.tokenizer.decode([tid]))
-            values.append(float(diff[i, j]))
-        out.append(TokenCorrelation(text, pieces, values))
+            row.tokens.append(model.tokenizer.decode([tid]))
+            row.logit_diff.append(float(diff[i, j]))
+            row.token_ids.append(tid)
+            row.logprob.append(float(lp[i, j]))
+            row.logprob_text.append(float(lp_wo[i, j]))
+        out.append(row)
     return out
 
 
-def _colour(value: float, scale: float) -> tuple[float, float, float]:
+def _colour(value: float | None, scale: float) -> tuple[float, float, float]:
+    """Diverging colour centred at zero (yellow), red below, green above; None (unscored) is grey."""
     from matplotlib import colormaps
 
+    if value is None:
+        return 0.85, 0.85, 0.85
     x = 0.5 + 0.5 * max(-1.0, min(1.0, value / scale))
     r, g, b, _ = colormaps["RdYlGn"](x)
     return r, g, b
@@ -96,10 +114,25 @@ def _data_uri(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def render_html(rows: Sequence[TokenCorrelation], path: str | Path, title: str = "", image=None) -> Path:
+Values = Sequence[Sequence[float | None]]
+RAW_LEGEND = ("Raw logit of each caption token with the image minus without it "
+              "(green: the image supports the token; red: the image argues against it).")
+FINDER_LEGEND = ("Finder score of each content token: log-probability with the image minus without it, relative "
+                 "to the caption's function tokens (green: the image supports the word; red: the image contradicts "
+                 "it; grey: function words and separators, not scored). Colour scale centred at zero.")
+
+
+def _scale(values: Values) -> float:
+    return max([abs(v) for r in values for v in r if v is not None] + [1e-6])
+
+
+def render_html(rows: Sequence[TokenCorrelation], path: str | Path, title: str = "", image=None,
+                values: Values | None = None, legend: str = RAW_LEGEND, notes: Sequence[str] | None = None) -> Path:
     """Tokens as coloured spans (green: supported by the image, red: contradicted); values on hover and
-    under each token. ``image``: a PIL image (embedded inline) or None."""
-    scale = max([abs(v) for r in rows for v in r.logit_diff] + [1e-6])
+    under each token. ``values`` per row and token (default: the raw logit differences; None = grey);
+    ``notes`` one line per row shown under it. ``image``: a PIL image (embedded inline) or None."""
+    values = [r.logit_diff for r in rows] if values is None else values
+    scale = _scale(values)
     parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title or 'CAL token correlation')}</title>",
              "<style>body{font-family:sans-serif} .tok{display:inline-block;margin:2px;padding:4px 6px;"
              "border-radius:4px;text-align:center;font-size:18px} .val{display:block;font-size:11px;color:#333}"
@@ -108,14 +141,17 @@ def render_html(rows: Sequence[TokenCorrelation], path: str | Path, title: str =
         parts.append(f"<h3>{html.escape(title)}</h3>")
     if image:
         parts.append(f"<img src='{_data_uri(image)}' width='128' style='image-rendering:pixelated'><br>")
-    parts.append("<p>Raw logit of each caption token with the image minus without it "
-                 "(green: the image supports the token; red: the image argues against it).</p>")
-    for row in rows:
+    parts.append(f"<p>{html.escape(legend)}</p>")
+    for n, (row, vals) in enumerate(zip(rows, values, strict=True)):
         parts.append("<div style='margin:8px 0'>")
-        for tok, v in zip(row.tokens, row.logit_diff, strict=True):
+        for tok, v in zip(row.tokens, vals, strict=True):
             r, g, b = _colour(v, scale)
-            parts.append(f"<span class='tok' title='{v:+.2f}' style='background:rgb({int(r * 255)},{int(g * 255)},"
-                         f"{int(b * 255)})'>{html.escape(tok.strip() or '␣')}<span class='val'>{v:+.2f}</span></span>")
+            shown = "" if v is None else f"{v:+.2f}"
+            parts.append(f"<span class='tok' title='{shown or 'not scored'}' style='background:rgb({int(r * 255)},"
+                         f"{int(g * 255)},{int(b * 255)})'>{html.escape(tok.strip() or '␣')}"
+                         f"<span class='val'>{shown or '&nbsp;'}</span></span>")
+        if notes:
+            parts.append(f"<div class='val'>{html.escape(notes[n])}</div>")
         parts.append("</div>")
     parts.append("</body></html>")
     path = Path(path)
@@ -123,15 +159,18 @@ def render_html(rows: Sequence[TokenCorrelation], path: str | Path, title: str =
     return path
 
 
-def render_png(rows: Sequence[TokenCorrelation], path: str | Path, image=None, title: str = "") -> Path:
-    """Heat map figure: the image (optional) on the left, one line of coloured tokens per caption."""
+def render_png(rows: Sequence[TokenCorrelation], path: str | Path, image=None, title: str = "",
+               values: Values | None = None, label: str = "logit diff") -> Path:
+    """Heat map figure: the image (optional) on the left, one line of coloured tokens per caption; colour
+    scale symmetric around zero (``values`` as in :func:`render_html`)."""
+    values = [r.logit_diff for r in rows] if values is None else values
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import Normalize
 
-    scale = max([abs(v) for r in rows for v in r.logit_diff] + [1e-6])
+    scale = _scale(values)
     width = max(len(r.tokens) for r in rows) * 1.25 + (2.6 if image is not None else 0.5) + 1.2
     fig = plt.figure(figsize=(max(6.0, width), 1.0 + 0.95 * len(rows)), dpi=130)
     left = 0.0
@@ -144,15 +183,16 @@ def render_png(rows: Sequence[TokenCorrelation], path: str | Path, image=None, t
     ax.set_xlim(0, max(len(r.tokens) for r in rows))
     ax.set_ylim(len(rows), 0)
     ax.set_axis_off()
-    for y, row in enumerate(rows):
-        for x, (tok, v) in enumerate(zip(row.tokens, row.logit_diff, strict=True)):
+    for y, (row, vals) in enumerate(zip(rows, values, strict=True)):
+        for x, (tok, v) in enumerate(zip(row.tokens, vals, strict=True)):
             ax.add_patch(plt.Rectangle((x + 0.04, y + 0.1), 0.92, 0.8, color=_colour(v, scale)))
-            ink = "white" if abs(v) > 0.6 * scale else "black"  # dark cells at both ends of the colour map
+            ink = "white" if v is not None and abs(v) > 0.6 * scale else "black"  # dark at both ends of the map
             ax.text(x + 0.5, y + 0.42, tok.strip() or "␣", ha="center", va="center", fontsize=12, color=ink)
-            ax.text(x + 0.5, y + 0.75, f"{v:+.1f}", ha="center", va="center", fontsize=8, color=ink)
+            if v is not None:
+                ax.text(x + 0.5, y + 0.75, f"{v:+.1f}", ha="center", va="center", fontsize=8, color=ink)
     cax = fig.add_axes((0.89, 0.12, 0.02, 0.76))
     sm = plt.cm.ScalarMappable(cmap="RdYlGn", norm=Normalize(-scale, scale))
-    fig.colorbar(sm, cax=cax, label="logit diff")
+    fig.colorbar(sm, cax=cax, label=label)
     if title:
         fig.suptitle(title, fontsize=10, x=0.45, y=0.98)
     path = Path(path)
@@ -161,14 +201,36 @@ def render_png(rows: Sequence[TokenCorrelation], path: str | Path, image=None, t
     return path
 
 
+def find_noisy(row: TokenCorrelation, tokenizer, words: Sequence[Word] | None = None,
+               config: FinderConfig | None = None) -> ScoredCaption:
+    """The finder's scores (:mod:`lexvla.cal.finder`) of one scored caption; ``words`` default to the
+    caption's own words (:func:`lexvla.cal.captions.text_words`)."""
+    config = config or FinderConfig()
+    words = text_words(row.text.strip()) if words is None else words
+    ids, token_word = token_words(tokenizer, row.text.strip(), words)
+    if ids != row.token_ids:
+        raise ValueError(f"caption {row.text!r}: its tokens with offsets differ from the scored tokens")
+    signal = row.pmi if config.signal == "pmi" else row.logit_diff
+    return score_caption(signal, token_word, [w.content for w in words], [-v for v in row.logprob],
+                         config.normalise)
+
+
 @torch.no_grad()
-def rank_captions(model: SmallVLM, images: Sequence[str], captions: Sequence[str], features: dict[str, torch.Tensor],
-                  batch_size: int = 32) -> list[tuple[int, TokenCorrelation]]:
-    """(index, correlation) of every (image, caption) pair, least-supported token first: candidates for
-    noisy captions."""
-    scored: list[tuple[int, TokenCorrelation]] = []
+def score_pairs(model: SmallVLM, images: Sequence[str], captions: Sequence[str], features: dict[str, torch.Tensor],
+                batch_size: int = 32) -> list[TokenCorrelation]:
+    """:func:`token_correlations` of every (image, caption) pair, in order, batched."""
+    rows: list[TokenCorrelation] = []
     for i in range(0, len(captions), batch_size):
         feats = torch.stack([features[p] for p in images[i:i + batch_size]]).float()
-        rows = token_correlations(model, feats, list(captions[i:i + batch_size]))
-        scored += list(enumerate(rows, start=i))
-    return sorted(scored, key=lambda item: item[1].min_diff)
+        rows += token_correlations(model, feats, [c.strip() for c in captions[i:i + batch_size]])
+    return rows
+
+
+def rank_captions(model: SmallVLM, images: Sequence[str], captions: Sequence[str], features: dict[str, torch.Tensor],
+                  batch_size: int = 32, config: FinderConfig | None = None,
+                  ) -> list[tuple[int, TokenCorrelation, ScoredCaption]]:
+    """(index, correlation, finder score) of every (image, caption) pair, most contradicted content word
+    first: candidates for noisy captions."""
+    rows = score_pairs(model, images, captions, features, batch_size)
+    scored = [(i, row, find_noisy(row, model.tokenizer, config=config)) for i, row in enumerate(rows)]
+    return sorted(scored, key=lambda item: (item[2].score if item[2].worst_word is not None else float("inf")))

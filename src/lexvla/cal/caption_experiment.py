@@ -1,0 +1,434 @@
+"""Caption-noise experiment where CAL can act: multi-token captions of concepts (emoji names + keywords),
+the full 30-layer SmolLM2-135M with LoRA, and injected caption noise.
+
+Per seed: a seeded subset of concepts; augmented training views and held-out test views of each (new
+images of known concepts, :func:`lexvla.cal.captions.render_view`); captions ``"name: kw1, kw2"``; for
+every noise rate, a share of the training captions gets its name and first keyword replaced by another
+concept's (:func:`lexvla.cal.captions.inject_caption_noise`); one training run (projector + LoRA from
+scratch, one stage) with and one without CAL. Evaluation on clean held-out views:
+
+* retrieval: every test image against every concept name, ranked by the caption likelihood
+  ``log p(" name:" | image)`` (top-1, MRR), and by the likelihood relative to the text-only prior;
+* per-token: raw logit difference (CAL's signal) and PMI of clean vs injected content words on a held-out
+  caption set in which half the captions are injected;
+* the noisy-token finder (:mod:`lexvla.cal.finder`): ROC AUC for injected captions and injected words,
+  beside the caption cross-entropy as baseline detector and the raw minimum logit difference (the former
+  ``inspect`` ranking).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lexvla.cal.captions import (
+    CaptionExample,
+    Concept,
+    caption_slots,
+    inject_caption_noise,
+    materialise_views,
+    read_concepts,
+    select_concepts,
+    write_fixture_concepts,
+)
+from lexvla.cal.data import compute_features, format_target
+from lexvla.cal.finder import NORMALISATIONS, SIGNALS, FinderConfig, roc_auc, roc_curve
+from lexvla.cal.loss import CALConfig
+from lexvla.cal.vlm import SmallVLM, VLMConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CaptionExperimentConfig:
+    """Sizes chosen for 2 shared CPU cores (docs/cal.md says what they cost).
+
+    concepts: a concepts JSONL (``{"name", "keywords", "image"}``, :func:`lexvla.cal.captions.read_concepts`),
+        a data set name known to ``lexvla.data`` with names and keywords (``"emoji-noto"``), or
+        ``"fixture"`` (generated coloured shapes, for tests and dry runs).
+    train_views / test_views: augmented views per concept for training / held-out evaluation.
+    slots_replaced: caption slots an injection replaces (1 = the name, 2 = name + first keyword).
+    heldout_noise: share of injected captions in the finder's held-out set.
+    bf16: CPU autocast to bfloat16 for the LLM (about 2-4x faster here; weights stay float32).
+    """
+
+    concepts: str = "emoji-noto"
+    n_concepts: int = 32
+    train_views: int = 8
+    test_views: int = 2
+    keywords: int = 2
+    slots_replaced: int = 2
+    noise_rates: tuple[float, ...] = (0.0, 0.2, 0.4)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    llm: str = "embedded:smollm2"
+    llm_arch: dict[str, Any] = field(default_factory=dict)
+    llm_layers: int | None = None
+    image_tokens: int = 4
+    image_size: int = 64
+    caption_prompt: str = "<image>Emoji:"
+    steps: int = 40
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup_steps: int = 5
+    cal: CALConfig = field(default_factory=CALConfig)
+    finder: FinderConfig = field(default_factory=FinderConfig)
+    heldout_noise: float = 0.5
+    bf16: bool = True
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cal, dict):
+            self.cal = CALConfig(**self.cal)
+        if isinstance(self.finder, dict):
+            self.finder = FinderConfig(**self.finder)
+        self.noise_rates = tuple(float(r) for r in self.noise_rates)
+        self.seeds = tuple(int(s) for s in self.seeds)
+        if not self.noise_rates or any(not 0 <= r < 1 for r in self.noise_rates):
+            raise ValueError(f"noise_rates must be in [0, 1), got {self.noise_rates}")
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+        for name in ("n_concepts", "train_views", "test_views", "steps", "batch_size", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"CaptionExperimentConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_concepts < 3:
+            raise ValueError("need at least 3 concepts (noise draws another concept)")
+        if not 0 < self.heldout_noise < 1:
+            raise ValueError(f"heldout_noise must be in (0, 1), got {self.heldout_noise}")
+
+
+def load_concepts(spec: str, folder: Path) -> list[Concept]:
+    """Concepts from a JSONL file, the generated fixture, or a ``lexvla.data`` data set with names and
+    keywords."""
+    if spec == "fixture":
+        return read_concepts(write_fixture_concepts(folder / "fixture", n=40))
+    path = Path(spec).expanduser()
+    if path.suffix == ".jsonl" or path.is_file():
+        return read_concepts(path)
+    from lexvla.cal.data import dataset_concepts
+
+    return dataset_concepts(spec)
+
+
+# ------------------------------------------------------------------------------------------ scoring
+@torch.no_grad()
+def target_logprobs(model: SmallVLM, features: torch.Tensor, texts: Sequence[str], prompt: str,
+                    with_image: bool = True) -> list[list[float]]:
+    """Per text, log p of each target token (EOS excluded) after ``prompt``, with or without the image."""
+    from lexvla.cal.loss import CALLoss, ground_truth_logits
+
+    model.eval()
+    tokens = model.tokenize([prompt] * len(texts), [format_target(t) for t in texts])
+    inputs = model.multimodal_inputs(tokens, features)
+    keep = inputs.label_span()
+    if with_image:
+        logits = model.logits(inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids, keep)
+    else:
+        logits = CALLoss(CALConfig()).without_image_logits(model.logits, inputs, keep)
+    labels = inputs.labels[:, -keep:]
+    lp = ground_truth_logits(logits.float().log_softmax(-1), labels).cpu()
+    eos = model.tokenizer.eos_token_id
+    out = []
+    for i in range(len(texts)):
+        ids = labels[i, 1:].tolist()
+        out.append([float(lp[i, j]) for j, t in enumerate(ids) if t not in (-100, eos)])
+    return out
+
+
+def retrieval(model: SmallVLM, images: Sequence[str], truth: Sequence[str], names: Sequence[str],
+              features: dict[str, torch.Tensor], prompt: str, batch_size: int = 64) -> dict[str, float]:
+    """Image -> name retrieval by caption likelihood of ``" name:"`` (the colon ends the name, so "cat"
+    does not win over "cat face" by being a prefix). ``pmi`` ranks by the likelihood gain over the
+    text-only prior (a name's text-only likelihood does not depend on the image)."""
+    texts = [f"{n}:" for n in names]
+    any_feat = features[images[0]].unsqueeze(0).float()
+    prior = [sum(v) for v in target_logprobs(model, any_feat.expand(len(texts), -1, -1), texts, prompt, False)]
+    ranks: dict[str, list[int]] = {"likelihood": [], "pmi": []}
+    for img, name in zip(images, truth, strict=True):
+        feat = features[img].unsqueeze(0).float()
+        ll = []
+        for i in range(0, len(texts), batch_size):
+            chunk = texts[i:i + batch_size]
+            ll += [sum(v) for v in target_logprobs(model, feat.expand(len(chunk), -1, -1), chunk, prompt)]
+        k = names.index(name)
+        for key, score in (("likelihood", ll), ("pmi", [a - b for a, b in zip(ll, prior, strict=True)])):
+            ranks[key].append(1 + sum(s > score[k] for s in score))
+    out: dict[str, float] = {}
+    for key, r in ranks.items():
+        out[f"{key}_top1"] = sum(x == 1 for x in r) / len(r)
+        out[f"{key}_mrr"] = sum(1 / x for x in r) / len(r)
+    return out
+
+
+def finder_eval(model: SmallVLM, heldout: Sequence[CaptionExample], features: dict[str, torch.Tensor],
+                config: FinderConfig) -> dict[str, Any]:
+    """Per-token signals of clean vs injected content words, and ROC AUC of the finder (every signal x
+    normalisation), of the caption CE and of the raw minimum logit difference, on ``heldout``."""
+    from lexvla.cal.captions import token_words
+    from lexvla.cal.finder import score_caption
+    from lexvla.cal.inspect import score_pairs
+
+    rows = score_pairs(model, [c.image for c in heldout], [c.text for c in heldout], features)
+    labels = [c.noisy for c in heldout]
+    tok_vals: dict[str, dict[str, list[float]]] = {k: {"clean": [], "injected": [], "function": []}
+                                                   for k in ("logit_diff", "pmi")}
+    per_caption: list[dict[str, Any]] = []
+    variants: dict[str, list[float]] = {}
+    word_variants: dict[str, tuple[list[float], list[bool]]] = {}
+    for cap, row in zip(heldout, rows, strict=True):
+        words = cap.words()
+        ids, token_word = token_words(model.tokenizer, cap.text, words)
+        if ids != row.token_ids:
+            raise ValueError(f"caption {cap.text!r}: offset tokenisation differs from the scored tokens")
+        for key, vals in (("logit_diff", row.logit_diff), ("pmi", row.pmi)):
+            for v, w in zip(vals, token_word, strict=True):
+                kind = "function" if w is None or not words[w].content else ("injected" if words[w].injected else "clean")
+                tok_vals[key][kind].append(v)
+        nll = [-v for v in row.logprob]
+        for sig in SIGNALS:
+            for norm in NORMALISATIONS:
+                sc = score_caption(row.pmi if sig == "pmi" else row.logit_diff, token_word,
+                                   [w.content for w in words], nll, norm)
+                name = f"{sig}/{norm}"
+                variants.setdefault(name, []).append(-sc.score)
+                ws, wl = word_variants.setdefault(name, ([], []))
+                for k, s in sc.word_scores.items():
+                    ws.append(-s)
+                    wl.append(words[k].injected)
+        main = score_caption(row.pmi if config.signal == "pmi" else row.logit_diff, token_word,
+                             [w.content for w in words], nll, config.normalise)
+        per_caption.append({"image": cap.image, "caption": cap.text, "noisy": cap.noisy, "score": main.score,
+                            "ce": main.ce, "worst_word": None if main.worst_word is None else words[main.worst_word].text,
+                            "min_raw_diff": min(row.logit_diff)})
+    ce = [p["ce"] for p in per_caption]
+    raw = [-p["min_raw_diff"] for p in per_caption]
+    main_name = f"{config.signal}/{config.normalise}"
+    # word-level CE baseline: a word's NLL (its tokens summed)
+    word_ce: tuple[list[float], list[bool]] = ([], [])
+    for cap, row in zip(heldout, rows, strict=True):
+        words = cap.words()
+        _, token_word = token_words(model.tokenizer, cap.text, words)
+        acc: dict[int, float] = {}
+        for v, w in zip(row.logprob, token_word, strict=True):
+            if w is not None and words[w].content:
+                acc[w] = acc.get(w, 0.0) - v
+        for k, s in acc.items():
+            word_ce[0].append(s)
+            word_ce[1].append(words[k].injected)
+    mean = {k: {kind: (sum(v) / len(v) if v else float("nan")) for kind, v in d.items()} for k, d in tok_vals.items()}
+    fpr, tpr = roc_curve(variants[main_name], labels)
+    cfpr, ctpr = roc_curve(ce, labels)
+    return {
+        "token_means": mean,
+        "caption_auc": {name: roc_auc(v, labels) for name, v in variants.items()} | {
+            "ce": roc_auc(ce, labels), "min_raw_diff": roc_auc(raw, labels)},
+        "word_auc": {name: roc_auc(*v) for name, v in word_variants.items()} | {"ce": roc_auc(*word_ce)},
+        "finder": main_name,
+        "roc": {"finder": [fpr, tpr], "ce": [cfpr, ctpr]},
+        "captions": per_caption,
+    }
+
+
+# --------------------------------------------------------------------------------------------- runs
+def _autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def run_caption_experiment(config: CaptionExperimentConfig, output_dir: str | Path,
+                           progress: bool = False) -> dict[str, Any]:
+    """All seeds x noise rates x {plain, CAL}; writes results.json after every run (a cut run keeps its
+    finished rows), then results.md and the plots (:func:`write_caption_report`)."""
+    from safetensors.torch import load_file  # noqa: F401  (checkpoints are read by inspect)
+
+    from lexvla.cal.train import TrainConfig, train_stage
+    from lexvla.models.backbones import create_backbone
+    from lexvla.models.text import load_causal_lm
+
+    torch.set_num_threads(config.threads)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    all_concepts = load_concepts(config.concepts, out)
+    vlm_cfg = VLMConfig(llm=config.llm, llm_arch=config.llm_arch, llm_layers=config.llm_layers,
+                        image_tokens=config.image_tokens, caption_prompt=config.caption_prompt)
+    vlm_cfg.backbone = dataclasses.replace(vlm_cfg.backbone, image_size=config.image_size)
+    llm, tokenizer = load_causal_lm(config.llm, arch=config.llm_arch)
+    backbone = create_backbone(vlm_cfg.backbone)
+    results: dict[str, Any] = {"config": dataclasses.asdict(config), "runs": [], "seeds": {}}
+    results_file = out / "results.json"
+    for seed in config.seeds:
+        concepts = select_concepts(all_concepts, config.n_concepts, seed=seed, keywords=config.keywords)
+        train_views = materialise_views(concepts, config.train_views, out / "images", seed=10 * seed + 1,
+                                        size=config.image_size)
+        test_views = materialise_views(concepts, config.test_views, out / "images", seed=10 * seed + 2,
+                                       size=config.image_size)
+        train = [CaptionExample(p, c.name, caption_slots(c, config.keywords)) for c in concepts for p in train_views[c.name]]
+        test = [CaptionExample(p, c.name, caption_slots(c, config.keywords)) for c in concepts for p in test_views[c.name]]
+        heldout = inject_caption_noise(test, config.heldout_noise, concepts, seed=seed + 1000,
+                                       slots_replaced=config.slots_replaced, keywords=config.keywords)
+        seed_dir = out / f"seed{seed}"
+        seed_dir.mkdir(exist_ok=True)
+        with (seed_dir / "heldout.jsonl").open("w") as f:
+            for c in heldout:
+                f.write(json.dumps({"image": c.image, "caption": c.text, "noisy": c.noisy, "concept": c.concept,
+                                    "injected_words": [w.text for w in c.words() if w.injected and w.content]}) + "\n")
+        t0 = time.time()
+        features = compute_features(backbone, [c.image for c in train + test], cache=out / "features")
+        features = {k: v.float() for k, v in features.items()}  # CPU autocast cannot stack float16 tensors
+        names = [c.name for c in concepts]
+        retrieval_images = [test_views[n][0] for n in names]
+        results["seeds"][str(seed)] = {"concepts": names, "train_captions": len(train), "heldout_captions": len(heldout),
+                                       "heldout_noisy": sum(c.noisy for c in heldout),
+                                       "feature_seconds": time.time() - t0}
+        for rate in config.noise_rates:
+            noisy = inject_caption_noise(train, rate, concepts, seed=seed, slots_replaced=config.slots_replaced,
+                                         keywords=config.keywords)
+            examples = [c.to_vlm_example() for c in noisy]
+            for cal in (False, True):
+                torch.manual_seed(seed)  # identical projector/LoRA init for the runs being compared
+                model = SmallVLM(vlm_cfg, llm=copy.deepcopy(llm), tokenizer=tokenizer, backbone=backbone)
+                tc = TrainConfig(stage="finetune", cal=cal, cal_config=config.cal, steps=config.steps,
+                                 batch_size=config.batch_size, lr=config.lr, warmup_steps=config.warmup_steps,
+                                 seed=seed, log_every=5, progress=progress)
+                run_dir = seed_dir / f"noise{rate:.1f}-{'cal' if cal else 'plain'}"
+                with _autocast(config.bf16):
+                    res = train_stage(model, examples, features, tc, run_dir)
+                    t1 = time.time()
+                    ret = retrieval(model, retrieval_images, names, names, features, vlm_cfg.caption_prompt)
+                    fnd = finder_eval(model, heldout, features, config.finder)
+                eval_seconds = time.time() - t1
+                (run_dir / "heldout_scores.json").write_text(json.dumps(fnd["captions"], indent=1))
+                fnd.pop("captions")
+                row = {"seed": seed, "noise": rate, "cal": cal, "retrieval": ret, **fnd,
+                       "noisy_train_captions": sum(c.noisy for c in noisy), "final_loss": res.final_loss,
+                       "train_seconds": res.seconds, "eval_seconds": eval_seconds, "checkpoint": str(res.checkpoint)}
+                results["runs"].append(row)
+                logger.info("seed %d noise %.1f cal=%s: top1 %.3f, finder caption AUC %.3f (CE %.3f), %.0fs + %.0fs",
+                            seed, rate, cal, ret["likelihood_top1"], fnd["caption_auc"][fnd["finder"]],
+                            fnd["caption_auc"]["ce"], res.seconds, eval_seconds)
+                results["total_seconds"] = time.time() - t_start
+                results_file.write_text(json.dumps(results, indent=1))
+                del model
+    write_caption_report(results, out)
+    return results
+
+
+# ------------------------------------------------------------------------------------------- report
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return m, sd
+
+
+def write_caption_report(results: dict[str, Any], out: Path) -> None:
+    """results.md (tables: retrieval, token signals, finder AUCs; mean ± sd over seeds),
+    retrieval_vs_noise.png and finder_roc.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    rates = sorted({r["noise"] for r in runs})
+    seeds = sorted({r["seed"] for r in runs})
+
+    def cells(rate: float, cal: bool, get) -> list[float]:
+        return [get(r) for r in runs if r["noise"] == rate and r["cal"] == cal]
+
+    def fmt(vals: list[float]) -> str:
+        if not vals:
+            return "-"
+        m, sd = _mean_sd(vals)
+        return f"{m:.3f} ± {sd:.3f}" if len(vals) > 1 else f"{m:.3f}"
+
+    lines = [f"Seeds: {', '.join(map(str, seeds))} (mean ± sd over seeds).", "",
+             "Image -> name retrieval on clean held-out views (caption likelihood of ' name:'):", "",
+             "| caption noise | top-1 plain | top-1 CAL | MRR plain | MRR CAL | top-1 PMI plain | top-1 PMI CAL |",
+             "|---|---|---|---|---|---|---|"]
+    for rate in rates:
+        cols = [fmt(cells(rate, cal, lambda r, k=k: r["retrieval"][k]))
+                for k in ("likelihood_top1", "likelihood_mrr", "pmi_top1") for cal in (False, True)]
+        lines.append(f"| {rate:.0%} | " + " | ".join(cols) + " |")
+    lines += ["", "Per-token signals on the held-out captions (content tokens; mean over tokens, then seeds):", "",
+              "| caption noise | model | raw diff clean | raw diff injected | raw diff function | PMI clean | PMI injected | PMI function |",
+              "|---|---|---|---|---|---|---|---|"]
+    for rate in rates:
+        for cal in (False, True):
+            vals = [fmt(cells(rate, cal, lambda r, s=s, k=k: r["token_means"][s][k]))
+                    for s in ("logit_diff", "pmi") for k in ("clean", "injected", "function")]
+            lines.append(f"| {rate:.0%} | {'CAL' if cal else 'plain'} | " + " | ".join(vals) + " |")
+    finder = runs[0]["finder"] if runs else "pmi/function"
+    lines += ["", f"Noisy-caption detection on the held-out set, ROC AUC (finder = {finder}):", "",
+              "| caption noise | model | finder, captions | CE, captions | min raw diff, captions | finder, words | CE, words |",
+              "|---|---|---|---|---|---|---|"]
+    for rate in rates:
+        for cal in (False, True):
+            vals = [fmt(cells(rate, cal, lambda r: r["caption_auc"][r["finder"]])),
+                    fmt(cells(rate, cal, lambda r: r["caption_auc"]["ce"])),
+                    fmt(cells(rate, cal, lambda r: r["caption_auc"]["min_raw_diff"])),
+                    fmt(cells(rate, cal, lambda r: r["word_auc"][r["finder"]])),
+                    fmt(cells(rate, cal, lambda r: r["word_auc"]["ce"]))]
+            lines.append(f"| {rate:.0%} | {'CAL' if cal else 'plain'} | " + " | ".join(vals) + " |")
+    names = sorted(runs[0]["caption_auc"]) if runs else []
+    lines += ["", "Caption AUC of every finder variant (signal/normalisation), all runs pooled (mean ± sd):", "",
+              "| variant | caption AUC | word AUC |", "|---|---|---|"]
+    for name in names:
+        wa = [r["word_auc"][name] for r in runs if name in r["word_auc"]]
+        lines.append(f"| {name} | {fmt([r['caption_auc'][name] for r in runs])} | {fmt(wa)} |")
+    lines.append(f"\nTotal wall time {results.get('total_seconds', 0) / 60:.1f} min.")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
+    for ax, key, label in ((axes[0], "likelihood_top1", "top-1 retrieval"), (axes[1], "likelihood_mrr", "MRR")):
+        for cal, style, name in ((False, "o--", "plain CE"), (True, "s-", "CAL")):
+            xs = [r for r in rates if cells(r, cal, lambda r_: 0)]
+            means = [_mean_sd(cells(x, cal, lambda r, k=key: r["retrieval"][k]))[0] for x in xs]
+            ax.plot([100 * x for x in xs], means, style, label=name)
+            for x in xs:
+                ys = cells(x, cal, lambda r, k=key: r["retrieval"][k])
+                ax.scatter([100 * x + (1.2 if cal else -1.2)] * len(ys), ys, s=10, alpha=0.5,
+                           color="C1" if cal else "C0")
+        n = len(results["seeds"][str(seeds[0])]["concepts"]) if seeds else 1
+        ax.axhline(1 / n if key.endswith("top1") else sum(1 / k for k in range(1, n + 1)) / n, color="gray",
+                   lw=0.8, ls=":", label="chance")
+        ax.set_xlabel("caption noise (% of training captions injected)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("image -> name retrieval on clean held-out views (lines: mean, dots: seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "retrieval_vs_noise.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=120)
+    for i, rate in enumerate(rates):
+        for cal in (False, True):
+            sel = [r for r in runs if r["noise"] == rate and r["cal"] == cal]
+            if not sel:
+                continue
+            r = sel[0]
+            auc = _mean_sd([s["caption_auc"][s["finder"]] for s in sel])[0]
+            ax.plot(*r["roc"]["finder"], color=f"C{i}", ls="-" if cal else "--", lw=1.2,
+                    label=f"finder, {rate:.0%} {'CAL' if cal else 'plain'} (AUC {auc:.2f})")
+    sel = [r for r in runs if r["noise"] == rates[0] and not r["cal"]] if rates else []
+    if sel:
+        auc = _mean_sd([s["caption_auc"]["ce"] for s in sel])[0]
+        ax.plot(*sel[0]["roc"]["ce"], color="gray", lw=1, label=f"caption CE, {rates[0]:.0%} plain (AUC {auc:.2f})")
+    ax.plot([0, 1], [0, 1], color="k", lw=0.5, ls=":")
+    ax.set_xlabel("false positive rate (clean captions flagged)")
+    ax.set_ylabel("true positive rate (injected captions found)")
+    ax.set_title(f"injected-caption detection, seed {seeds[0] if seeds else '-'}; AUC = mean over seeds", fontsize=8)
+    ax.legend(fontsize=6, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "finder_roc.png")
+    plt.close(fig)
