@@ -118,3 +118,14 @@ def build_packages(folder: Path, rows: list[dict] | None = None, extra_svgs: int
             "npm", pkg.name, pkg.version, hashlib.sha256(data).hexdigest(), len(data))
     pins["names"] = pins["openmoji"]
     return pins
+
+
+def prepare(base: Path, size: int = 48):
+    """Build the fixture packages under ``base`` and prepare all three styles (returns root, pins, report)."""
+    from lexvla.data.emoji import PrepareSettings, fetch_emoji
+
+    pins = build_packages(base / "packages")
+    root = base / "prepared"
+    report = fetch_emoji(("noto", "fluent", "openmoji"), root=root, settings=PrepareSettings(size=size),
+                         source_dir=base / "packages", downloads=base / "downloads", progress=False, packages=pins)
+    return root, pins, report

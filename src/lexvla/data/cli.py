@@ -156,6 +156,17 @@ def _fetch(args: argparse.Namespace) -> int:
     raise SystemExit(f"lexvla data fetch: unknown data set {args.dataset!r}")
 
 
+def _collages(args: argparse.Namespace) -> int:
+    from lexvla.data.collages import CollageConfig, CollageSet
+
+    cs = CollageSet(CollageConfig(split=args.split, count=args.count, size=args.size, seed=args.seed,
+                                  root=args.root))
+    out = cs.write(args.out)
+    _out(f"{out}: {len(cs)} collages of {len(cs.class_names) - 1} {args.split} concepts (images/, masks/, "
+         "class_names.txt, pairs.jsonl)")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     data = subparsers.add_parser("data", help="datasets: fetch (emoji, ...), easy-vqa, source checks, feature caches")
     sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
@@ -176,6 +187,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--from", dest="source_dir", help="folder holding the package files (no download)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_fetch)
+
+    p = sub.add_parser("collages", help="write masked emoji collages (a masks-folder for PatchDis)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="concepts of this split")
+    p.add_argument("--count", type=int, default=500)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--root", help="prepared emoji folder (default: the cache's)")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.set_defaults(func=_collages)
 
     p = sub.add_parser("check", help="read every sample of a source and report what would be skipped")
     add_source_arguments(p)

