@@ -7,6 +7,8 @@ import importlib
 import logging
 import sys
 
+from lexvla.io import LockedError
+
 # Feature modules, each with ``register(subparsers)``; the order is the order in ``lexvla --help``.
 COMMAND_MODULES = (
     "lexvla.commands",  # encode, words, models
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         logging.getLogger("lexvla").warning("interrupted")
         return 130
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (FileNotFoundError, ValueError, KeyError, LockedError) as err:
         # User errors (bad paths, unknown names, unreadable images) get one clear line, no traceback.
         if args.verbose > 1:
             raise

@@ -274,6 +274,11 @@ class WriterLock:
         self._fd: int | None = None
         self._key = str(self.path.resolve())
 
+    @property
+    def depth(self) -> int:
+        """How many nested ``with`` blocks of this process hold the lock now (0: not held)."""
+        return WriterLock._held.get(self._key, 0)
+
     def holder(self) -> int | None:
         """PID written by the current (or last) holder, if readable."""
         try:

@@ -2,7 +2,13 @@
 
 Resumable: each batch is committed as one shard (see store.py), items already in the index are
 skipped on a re-run, so a crash or Ctrl-C loses at most the batch in flight. Unreadable images are
-skipped, counted and listed in the report (and retried on the next run).
+skipped, counted and listed in the report (and retried on the next run). A build holds the index's
+single-writer lock from start to end: a second build/add/delete on the same index is refused at once.
+
+Ids are unique across adds: images of the first folder are named by their path relative to it (the
+index records it as ``images_root``); a later folder inside that root gets ids relative to the root, any
+other folder ``<folder name>/<relative path>``. An id that already names a *different* file (or caption
+text) is never dropped silently: it is reported by name as a duplicate in the skip list.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lexvla.index.core import ModelRecord, SparseIndex, SparsifySettings
+from lexvla.index.core import ModelRecord, SparseIndex, SparsifySettings, writer_lock
 from lexvla.preprocess import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -72,9 +78,22 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def collect_images(images: str | Path | Sequence[str | Path]) -> list[ImageItem]:
+def _folder_prefix(folder: Path, root: str | Path | None) -> str:
+    """Id prefix of a folder's images: none for the root, the path inside it, else the folder's name."""
+    if root is None:
+        return ""
+    folder, root = folder.resolve(), Path(root)
+    if folder == root:
+        return ""
+    if folder.is_relative_to(root):
+        return folder.relative_to(root).as_posix() + "/"
+    return folder.name + "/"
+
+
+def collect_images(images: str | Path | Sequence[str | Path], root: str | Path | None = None) -> list[ImageItem]:
     """Images to index from a folder (recursive; ids = relative paths), a manifest or a list of paths.
 
+    ``root``: the index's recorded images folder; a folder elsewhere gets ids prefixed with its name.
     Manifests: ``.txt`` with one path per line, or ``.jsonl`` with ``{"path": ..., "id": ...(optional),
     ...metadata}`` per line; relative paths are relative to the manifest's folder.
     """
@@ -82,7 +101,8 @@ def collect_images(images: str | Path | Sequence[str | Path]) -> list[ImageItem]
         src = Path(images).expanduser()
         if src.is_dir():
             files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            return [ImageItem(p.relative_to(src).as_posix(), p.resolve()) for p in files]
+            prefix = _folder_prefix(src, root)
+            return [ImageItem(prefix + p.relative_to(src).as_posix(), p.resolve()) for p in files]
         if not src.is_file():
             raise FileNotFoundError(f"--images {src}: no such folder or manifest file")
         if src.suffix.lower() in IMAGE_SUFFIXES:
@@ -166,13 +186,41 @@ def build_index(model: Any, images: str | Path | Sequence[str | Path] | None = N
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if images is None and captions is None and shards is None:
         raise ValueError("nothing to index: give images, captions and/or shards")
+    t0 = time.perf_counter()
+    out = Path(out)
+    with writer_lock(out):
+        return _build_locked(model, images, out, backend, batch_size, captions, threshold, topk, backend_options,
+                             progress, on_batch, sync, model_source, shards, t0)
+
+
+def _new_items(items: list, store: Any, same: Callable[[Any, dict], bool], report: BuildReport) -> tuple[list, int]:
+    """Items not yet in ``store`` and how many are; an id already naming something else is reported."""
+    stored = store.items()
+    live = {i: stored[store.row_of(i)] for i in store.live_ids()}
+    todo, already = [], 0
+    for it in items:
+        existing = live.get(it.id)
+        if existing is None:
+            todo.append(it)
+        elif same(it, existing):
+            already += 1
+        else:
+            where = existing.get("path") or existing.get("text", "")
+            report.skipped.append(SkippedItem(it.id, str(getattr(it, "path", "")) or it.id,
+                                              f"duplicate id: {it.id!r} already names {where!r} in the index"))
+            logger.warning("not adding %s: id %r already names %r", getattr(it, "path", it.id), it.id, where)
+    return todo, already
+
+
+def _build_locked(model: Any, images: Any, out: Path, backend: str, batch_size: int, captions: Any,
+                  threshold: float | str | None, topk: int | None, backend_options: dict | None,
+                  progress: bool, on_batch: ProgressCallback | None, sync: bool, model_source: str | None,
+                  shards: Any, t0: float) -> BuildReport:
     import torch
     from tqdm.auto import tqdm
 
     import lexvla
 
-    t0 = time.perf_counter()
-    out = Path(out)
     if (out / "index.json").is_file():
         index = SparseIndex.open(out, backend, backend_options)
         index.check_model(model)
@@ -184,10 +232,12 @@ def build_index(model: Any, images: str | Path | Sequence[str | Path] | None = N
     report = BuildReport(str(out), backend=index.backend_name)
     try:
         if images is not None:
-            items = collect_images(images)
-            done = index.store("images").live_ids()
-            todo = [it for it in items if it.id not in done]
-            report.images_already_indexed = len(items) - len(todo)
+            folder = Path(images).expanduser() if isinstance(images, (str, Path)) else None
+            if folder is not None and folder.is_dir() and not index.meta.get("images_root"):
+                index.update_meta(images_root=str(folder.resolve()))
+            items = collect_images(images, index.meta.get("images_root"))
+            todo, report.images_already_indexed = _new_items(
+                items, index.store("images"), lambda it, ex: ex.get("path") == str(it.path), report)
             bar = tqdm(total=len(todo), desc="images", unit="img", disable=not progress)
             for start in range(0, len(todo), batch_size):
                 batch, pil = [], []
@@ -209,9 +259,8 @@ def build_index(model: Any, images: str | Path | Sequence[str | Path] | None = N
             bar.close()
         if captions is not None:
             items = read_captions(captions)
-            done = index.store("texts").live_ids()
-            todo = [it for it in items if it.id not in done]
-            report.captions_already_indexed = len(items) - len(todo)
+            todo, report.captions_already_indexed = _new_items(
+                items, index.store("texts"), lambda it, ex: ex.get("text") == it.text, report)
             bar = tqdm(total=len(todo), desc="captions", unit="text", disable=not progress)
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
@@ -234,7 +283,8 @@ def build_index(model: Any, images: str | Path | Sequence[str | Path] | None = N
         index.close()
     report.seconds = time.perf_counter() - t0
     if report.skipped:
-        logger.warning("%d unreadable image(s) skipped (first: %s)", report.n_skipped, report.skipped[0].path)
+        first = report.skipped[0]
+        logger.warning("%d item(s) skipped (first: %s: %s)", report.n_skipped, first.path or first.id, first.reason)
     return report
 
 

@@ -82,10 +82,10 @@ def _print_report(report, as_json: bool) -> None:
         return
     _out(f"index {report.out} ({report.backend}): {report.images_added} images added, "
          f"{report.images_already_indexed} already indexed; {report.captions_added} captions added, "
-         f"{report.captions_already_indexed} already indexed; {report.n_skipped} unreadable image(s) skipped "
+         f"{report.captions_already_indexed} already indexed; {report.n_skipped} item(s) skipped "
          f"in {report.seconds:.1f}s")
     for s in report.skipped[:20]:
-        _out(f"  skipped {s.path}: {s.reason}")
+        _out(f"  skipped {s.path or s.id}: {s.reason}")
     if report.n_skipped > 20:
         _out(f"  ... and {report.n_skipped - 20} more")
 
@@ -132,7 +132,9 @@ def _delete(args: argparse.Namespace) -> int:
     with SparseIndex.open(args.index, backend=args.backend, backend_options=_backend_options(args)) as index:
         rows = index.delete(args.ids, args.collection)
         index.sync()  # keep Milvus/Seismic in step now rather than at the next query
-    _out(f"deleted {len(rows)} item(s) from {args.index}/{args.collection}")
+    already = len(set(args.ids)) - len(rows)
+    _out(f"deleted {len(rows)} item(s) from {args.index}/{args.collection}"
+         + (f" ({already} deleted before)" if already else ""))
     return 0
 
 

@@ -6,18 +6,25 @@ Layout of an index folder::
     vocab.json      the lexical vocabulary (dimension -> word)
     images/         a VectorStore (see store.py) plus the backends' files for that collection
     texts/          the same for captions (image -> text search)
+    .writer.lock    the single-writer lock (lexvla.io.WriterLock): a second build/add/delete is refused
 
 Backends are looked up by name in ``lexvla.index.backends`` and describe themselves (which options are
 saved, a collection's defaults); nothing here depends on a particular backend.
+
+One writer at a time, any number of readers: writes hold the lock and re-read the committed state
+first, readers take no lock and pick up commits by another process at their next query (one ``stat``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
+import os
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +34,8 @@ import scipy.sparse as sp
 
 from lexvla.index.backends import SearchBackend, create_backend, get_backend
 from lexvla.index.explain import Hit, explain_rows
-from lexvla.index.store import VectorStore, atomic_write_text
+from lexvla.index.store import CorruptIndexError, StoreManifest, VectorStore
+from lexvla.io import WriterLock, atomic_write_text, clean_stale_tmp
 from lexvla.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -36,6 +44,21 @@ INDEX_FORMAT = 1
 INDEX_FILE = "index.json"
 VOCAB_FILE = "vocab.json"
 COLLECTIONS = ("images", "texts")
+URI_ENV = "LEXVLA_INDEX_URI"  # a server address given by the environment, like --uri
+
+
+def _meta_digest(meta: dict) -> str:
+    return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "checksum"},
+                                     sort_keys=True).encode()).hexdigest()
+
+
+def _write_meta(path: Path, meta: dict) -> None:
+    atomic_write_text(path / INDEX_FILE, json.dumps({**meta, "checksum": _meta_digest(meta)}, indent=1))
+
+
+def writer_lock(path: str | Path) -> WriterLock:
+    """The index's single-writer lock (held by build/add/delete; readers never take it)."""
+    return WriterLock(path, what="the index")
 
 
 class ModelMismatchError(ValueError):
@@ -146,7 +169,16 @@ class SparseIndex:
         self.sparsify_settings = SparsifySettings(**meta["sparsify"])
         self.backend_name = backend or meta.get("backend", "exact")
         options = dict(meta.get("backend_options", {}).get(self.backend_name, {}))
-        options.update({k: v for k, v in (backend_options or {}).items() if v is not None})
+        given = {k: v for k, v in (backend_options or {}).items() if v is not None}
+        if "uri" not in given and os.environ.get(URI_ENV):
+            given["uri"] = os.environ[URI_ENV]
+        saved_uri = options.get("uri")
+        self._refused_uri: str | None = None
+        if isinstance(saved_uri, str) and "://" in saved_uri and "uri" not in given:
+            # Never connect to a network address only because a (possibly untrusted) file names it.
+            options.pop("uri")
+            self._refused_uri = saved_uri
+        options.update(given)
         self.backend_options = options
         self._stores: dict[str, VectorStore] = {}
         self._backends: dict[str, SearchBackend] = {}
@@ -174,7 +206,10 @@ class SparseIndex:
         meta = {"format": INDEX_FORMAT, "uid": uuid.uuid4().hex[:12], "model": asdict(model),
                 "sparsify": asdict(sparsify or SparsifySettings()), "backend": backend,
                 "backend_options": {backend: saved_options}, "model_source": model_source}
-        atomic_write_text(path / INDEX_FILE, json.dumps(meta, indent=1))
+        with writer_lock(path):
+            if (path / INDEX_FILE).exists():
+                raise FileExistsError(f"{path} already holds an index; open it or choose another --out")
+            _write_meta(path, meta)
         return cls(path, meta, vocab, backend, backend_options)
 
     @classmethod
@@ -185,13 +220,28 @@ class SparseIndex:
         if not (path / INDEX_FILE).is_file():
             raise FileNotFoundError(f"{path} is not a lexvla index (no {INDEX_FILE}); build one with "
                                     "`lexvla index build`")
-        meta = json.loads((path / INDEX_FILE).read_text())
+        meta_file = path / INDEX_FILE
+        try:
+            meta = json.loads(meta_file.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CorruptIndexError(f"{meta_file}: damaged, not JSON ({err})") from None
+        if not isinstance(meta, dict):
+            raise CorruptIndexError(f"{meta_file}: damaged, not a JSON object")
+        checksum = meta.pop("checksum", None)
+        if checksum is not None and checksum != _meta_digest(meta):
+            raise CorruptIndexError(f"{meta_file}: damaged (its checksum does not match its content)")
         if meta.get("format") != INDEX_FORMAT:
             raise ValueError(f"{path}: unsupported index format {meta.get('format')!r}")
-        vocab = Vocabulary.load(path / VOCAB_FILE)
-        if vocab.fingerprint() != meta["model"]["vocab_fingerprint"]:
-            raise ValueError(f"{path / VOCAB_FILE} does not match the vocabulary recorded in {INDEX_FILE}")
-        return cls(path, meta, vocab, backend, backend_options)
+        try:
+            vocab = Vocabulary.load(path / VOCAB_FILE)
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+            raise CorruptIndexError(f"{path / VOCAB_FILE}: damaged ({err})") from None
+        try:
+            if vocab.fingerprint() != meta["model"]["vocab_fingerprint"]:
+                raise CorruptIndexError(f"{path / VOCAB_FILE} does not match the vocabulary recorded in {INDEX_FILE}")
+            return cls(path, meta, vocab, backend, backend_options)
+        except (KeyError, TypeError) as err:
+            raise CorruptIndexError(f"{meta_file}: damaged ({type(err).__name__}: {err})") from None
 
     def close(self) -> None:
         for b in self._backends.values():
@@ -205,6 +255,12 @@ class SparseIndex:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def update_meta(self, **values: Any) -> None:
+        """Record extra fields in index.json (e.g. ``images_root``), under the writer lock."""
+        with self.writing():
+            self.meta.update(values)
+            _write_meta(self.path, self.meta)
+
     # -- parts -------------------------------------------------------------------------------------
     @property
     def model_source(self) -> str | None:
@@ -214,12 +270,33 @@ class SparseIndex:
     def dim(self) -> int:
         return len(self.vocab)
 
-    def store(self, collection: str = "images") -> VectorStore:
+    def store(self, collection: str = "images", refresh: bool = True) -> VectorStore:
+        """A collection's store; ``refresh``: first pick up commits made by another process."""
         if collection not in COLLECTIONS:
             raise ValueError(f"unknown collection {collection!r}; an index holds {COLLECTIONS}")
         if collection not in self._stores:
-            self._stores[collection] = VectorStore.open_or_create(self.path / collection, self.dim)
+            if (self.path / collection / "manifest.json").is_file():
+                self._stores[collection] = VectorStore.open(self.path / collection)
+                if self._stores[collection].dim != self.dim:
+                    raise CorruptIndexError(f"{self.path / collection / 'manifest.json'}: {self._stores[collection].dim}"
+                                            f"-dim vectors, but the index vocabulary has {self.dim} words")
+            else:  # empty until a writer's first append commits it (readers never create files)
+                self._stores[collection] = VectorStore(self.path / collection, StoreManifest(dim=self.dim))
+        elif refresh:
+            self._stores[collection].refresh()
         return self._stores[collection]
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[SparseIndex]:
+        """Hold the single-writer lock (re-entrant) with the committed state re-read; refuses with
+        :class:`lexvla.io.LockedError` naming the holder's PID while another process writes."""
+        with writer_lock(self.path) as lock:
+            if lock.depth == 1:
+                for folder in (self.path, *(self.path / c for c in COLLECTIONS)):
+                    clean_stale_tmp(folder)
+                for st in self._stores.values():
+                    st.refresh()
+            yield self
 
     def has_collection(self, collection: str) -> bool:
         return (self.path / collection / "manifest.json").is_file() and self.store(collection).n_alive > 0
@@ -228,11 +305,17 @@ class SparseIndex:
         """The search backend of a collection, synced with its store (thread-safe, e.g. for a web app)."""
         with self._lock:
             if collection not in self._backends:
+                if self._refused_uri and not self.backend_options.get("uri"):
+                    raise ValueError(
+                        f"{self.path / INDEX_FILE} names the server {self._refused_uri!r}; an address read from "
+                        f"a file is never connected to: pass --uri {self._refused_uri} (or set {URI_ENV}) "
+                        "if you trust it")
                 defaults = get_backend(self.backend_name).collection_defaults(self.meta["uid"], collection)
                 options = {**defaults, **self.backend_options}
-                self._backends[collection] = create_backend(self.backend_name, self.store(collection), options)
+                self._backends[collection] = create_backend(self.backend_name, self.store(collection, False),
+                                                            options)
             backend = self._backends[collection]
-            store = self.store(collection)
+            store = self.store(collection, refresh=False)
             if self._synced.get(collection) != store.generation:  # skip the check on every query
                 backend.sync()
                 self._synced[collection] = store.generation
@@ -271,10 +354,13 @@ class SparseIndex:
         """Append vectors (sparsified with the index's settings) with ids or ``{"id": ..., ...}`` items."""
         items = [{"id": it} if isinstance(it, str) else dict(it) for it in items]
         m = self.sparsify_settings.apply(to_csr(vectors, self.dim))
-        return self.store(collection).append(m, items)
+        with self.writing():
+            return self.store(collection).append(m, items)
 
     def delete(self, ids: Sequence[str], collection: str = "images") -> list[int]:
-        return self.store(collection).delete(ids)
+        """Tombstone ids; ids deleted before are no-ops, ids never stored raise UnknownIdError."""
+        with self.writing():
+            return self.store(collection).delete(ids)
 
     # -- searching --------------------------------------------------------------------------------------
     def prepare_queries(self, vectors: Any, threshold: float | None = None, topk: int | None = None

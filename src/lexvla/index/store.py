@@ -10,13 +10,17 @@ Layout of a collection folder::
 
 A batch becomes visible only when the manifest that names its shard is renamed into place, so a crash
 or Ctrl-C at any moment loses at most the batch being written; files of an uncommitted shard are
-ignored and overwritten by the next append. Rows are numbered in append order and never renumbered:
+ignored and overwritten by the next append. The manifest records a sha256 of every shard file and of
+itself; a damaged file (a flipped byte, a truncation, an edited count) is refused on reading with one
+:class:`CorruptIndexError` naming it, and arrays are bounds-checked before scipy sees them, so damage
+never crashes the process or silently changes a result. Rows are numbered in append order and never renumbered:
 deletion only records the row in the manifest's ``deleted`` list (a tombstone), so search backends can
 key their own copies by row number and catch up incrementally.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -35,11 +39,29 @@ MANIFEST = "manifest.json"
 _ARRAYS = ("indptr", "indices", "data")
 
 
+class CorruptIndexError(ValueError):
+    """An index file is damaged or inconsistent with the manifest (the message names the file)."""
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest_digest(data: dict) -> str:
+    body = {k: v for k, v in data.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 @dataclass
 class ShardInfo:
     name: str
     rows: int
     nnz: int
+    sha256: dict[str, str] | None = None  # part -> digest; None in stores written before checksums
 
 
 @dataclass
@@ -54,9 +76,16 @@ class StoreManifest:
     format: int = STORE_FORMAT
 
     def __post_init__(self) -> None:
-        if self.dim <= 0:
-            raise ValueError(f"dim must be positive, got {self.dim}")
+        if not isinstance(self.dim, int) or self.dim <= 0:
+            raise ValueError(f"dim must be a positive integer, got {self.dim!r}")
         self.shards = [s if isinstance(s, ShardInfo) else ShardInfo(**s) for s in self.shards]
+        for s in self.shards:
+            if not (isinstance(s.rows, int) and isinstance(s.nnz, int) and s.rows >= 0 and s.nnz >= 0
+                    and isinstance(s.name, str) and s.name.startswith("shard-") and "/" not in s.name):
+                raise ValueError(f"bad shard record {s}")
+        rows = self.rows
+        if any(not isinstance(r, int) or not 0 <= r < rows for r in self.deleted):
+            raise ValueError(f"deleted rows must be row numbers in [0, {rows})")
 
     @property
     def rows(self) -> int:
@@ -87,6 +116,8 @@ class VectorStore:
         self._matrix: sp.csr_matrix | None = None
         self._items: list[dict] | None = None
         self._row_of: dict[str, int] | None = None
+        self._verified: set[str] = set()  # shard files whose digest matched (shards never change)
+        self._stamp = _stamp(directory / MANIFEST)
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
@@ -105,10 +136,7 @@ class VectorStore:
         path = directory / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"{directory} is not a vector store (no {MANIFEST})")
-        data = json.loads(path.read_text())
-        if data.get("format") != STORE_FORMAT:
-            raise ValueError(f"{path}: unsupported store format {data.get('format')!r} (expected {STORE_FORMAT})")
-        return cls(directory, StoreManifest(**data))
+        return cls(directory, _read_manifest(path))
 
     @classmethod
     def open_or_create(cls, directory: str | Path, dim: int) -> VectorStore:
@@ -121,9 +149,21 @@ class VectorStore:
 
     def reload(self) -> None:
         """Re-read the manifest (another process may have appended)."""
-        fresh = VectorStore.open(self.directory)
-        self.manifest = fresh.manifest
+        stamp = _stamp(self.directory / MANIFEST)
+        self.manifest = _read_manifest(self.directory / MANIFEST)
+        self._stamp = stamp
         self._invalidate()
+
+    def changed_on_disk(self) -> bool:
+        """Whether another process committed since this store read its manifest (one ``stat``)."""
+        return _stamp(self.directory / MANIFEST) != self._stamp
+
+    def refresh(self) -> bool:
+        """Reload if the manifest changed on disk; returns whether it did."""
+        if not self.changed_on_disk():
+            return False
+        self.reload()
+        return True
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -175,7 +215,7 @@ class VectorStore:
         shards = self.manifest.shards
         if not shards:
             return sp.csr_matrix((0, self.dim), dtype=np.float32)
-        parts = [{a: np.load(self._shard_path(s.name, a), mmap_mode="r") for a in _ARRAYS} for s in shards]
+        parts = [self._load_shard(s) for s in shards]
         if len(parts) == 1:
             p = parts[0]
             return sp.csr_matrix((p["data"], p["indices"], p["indptr"]), shape=(shards[0].rows, self.dim),
@@ -193,13 +233,69 @@ class VectorStore:
         data = np.concatenate([np.asarray(p["data"], dtype=np.float32) for p in parts])
         return sp.csr_matrix((data, indices, indptr), shape=(self.n_rows, self.dim), copy=False)
 
+    def _verify(self, shard: ShardInfo, part: str) -> Path:
+        """The shard file's path, after checking it exists and matches the manifest's digest."""
+        path = self._shard_path(shard.name, part)
+        key = f"{shard.name}.{part}"
+        if key in self._verified:
+            return path
+        if not path.is_file():
+            raise CorruptIndexError(f"{path}: missing (named by {self.directory / MANIFEST})")
+        want = (shard.sha256 or {}).get(part)
+        if want is not None and file_sha256(path) != want:
+            raise CorruptIndexError(f"{path}: damaged (its checksum does not match {MANIFEST}); "
+                                    "restore it from a backup or rebuild the index")
+        self._verified.add(key)
+        return path
+
+    def _load_shard(self, s: ShardInfo) -> dict[str, np.ndarray]:
+        """A shard's CSR arrays, memory-mapped, validated so scipy never reads out of bounds."""
+        arrays = {}
+        for a in _ARRAYS:
+            path = self._verify(s, a)
+            try:
+                arrays[a] = np.load(path, mmap_mode="r", allow_pickle=False)
+            except Exception as err:  # noqa: BLE001 - any unreadable header is the same damage
+                raise CorruptIndexError(f"{path}: not a readable array ({err})") from None
+        indptr, indices, data = arrays["indptr"], arrays["indices"], arrays["data"]
+
+        def bad(part: str, why: str) -> CorruptIndexError:
+            return CorruptIndexError(f"{self._shard_path(s.name, part)}: {why} (damaged index file)")
+
+        for a, kind in (("indptr", "i"), ("indices", "i"), ("data", "f")):
+            if arrays[a].ndim != 1 or arrays[a].dtype.kind != kind:
+                raise bad(a, f"expected a 1-D {'integer' if kind == 'i' else 'float'} array, got "
+                             f"{arrays[a].dtype} of shape {arrays[a].shape}")
+        if len(indptr) != s.rows + 1:
+            raise bad("indptr", f"{len(indptr)} entries for {s.rows} rows")
+        if len(indices) != s.nnz or len(data) != s.nnz:
+            raise bad("indices" if len(indices) != s.nnz else "data", f"length does not match nnz={s.nnz}")
+        if s.rows and (indptr[0] != 0 or indptr[-1] != s.nnz or np.any(np.diff(indptr) < 0)):
+            raise bad("indptr", "row pointers are not a non-decreasing run from 0 to nnz")
+        if s.nnz and (int(indices.min()) < 0 or int(indices.max()) >= self.dim):
+            raise bad("indices", f"word ids outside [0, {self.dim})")
+        if s.nnz and not np.all(np.isfinite(data)):
+            raise bad("data", "NaN or infinite weights")
+        return arrays
+
     def items(self) -> list[dict]:
         """Per-row ``{"id": ..., <metadata>}`` dicts (deleted rows included), cached."""
         if self._items is None:
             items: list[dict] = []
             for s in self.manifest.shards:
-                with open(self._shard_path(s.name, "items"), encoding="utf-8") as f:
-                    items.extend(json.loads(line) for line in f)
+                path = self._verify(s, "items")
+                rows = []
+                try:
+                    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                        row = json.loads(line)
+                        if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+                            raise CorruptIndexError(f"{path}:{n}: not an item object with a string id")
+                        rows.append(row)
+                except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                    raise CorruptIndexError(f"{path}: damaged ({err})") from None
+                if len(rows) != s.rows:
+                    raise CorruptIndexError(f"{path}: {len(rows)} items for {s.rows} rows in {MANIFEST}")
+                items.extend(rows)
             self._items = items
         return self._items
 
@@ -247,12 +343,17 @@ class VectorStore:
                   "data": vectors.data.astype(np.float32)}
         if vectors.nnz < np.iinfo(np.int32).max:
             arrays["indptr"] = arrays["indptr"].astype(np.int32)
+        digests = {}
         for part, array in arrays.items():
             atomic_save_npy(self._shard_path(name, part), array)
+            digests[part] = file_sha256(self._shard_path(name, part))
         atomic_write_text(self._shard_path(name, "items"),
                           "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
+        digests["items"] = file_sha256(self._shard_path(name, "items"))
         first = self.n_rows
-        self.manifest.shards.append(ShardInfo(name=name, rows=vectors.shape[0], nnz=int(vectors.nnz)))
+        self.manifest.shards.append(ShardInfo(name=name, rows=vectors.shape[0], nnz=int(vectors.nnz),
+                                              sha256=digests))
+        self._verified.update(f"{name}.{part}" for part in digests)
         self.manifest.next_shard += 1
         self._commit()
         # Keep the id caches (re-reading every items file per batch would make a build quadratic).
@@ -264,12 +365,20 @@ class VectorStore:
         return range(first, first + vectors.shape[0])
 
     def delete(self, ids: Iterable[str]) -> list[int]:
-        """Tombstone live items by id; unknown ids raise KeyError naming them. Returns their rows."""
+        """Tombstone live items by id. Ids deleted before are no-ops (re-running a delete succeeds);
+        ids never stored raise :class:`UnknownIdError` naming them. Returns the newly deleted rows."""
         ids = list(ids)
         rows, missing = [], []
+        ever = None
         for item_id in ids:
             row = self.row_of(item_id)
-            (missing.append(item_id) if row is None else rows.append(row))
+            if row is not None:
+                rows.append(row)
+                continue
+            if ever is None:
+                ever = set(self.ids())
+            if item_id not in ever:
+                missing.append(item_id)
         if missing:
             raise UnknownIdError(f"{len(missing)} id(s) not in {self.directory}: {missing[:5]}")
         rows = sorted(set(rows))
@@ -282,9 +391,39 @@ class VectorStore:
     def _commit(self) -> None:
         self.manifest.generation += 1
         data = asdict(self.manifest)
+        data["checksum"] = _manifest_digest(data)
+        self.directory.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.directory / MANIFEST, json.dumps(data))
+        self._stamp = _stamp(self.directory / MANIFEST)
 
     def _invalidate(self) -> None:
         self._matrix = None
         self._items = None
         self._row_of = None
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _read_manifest(path: Path) -> StoreManifest:
+    """Parse and check a manifest; every kind of damage is one CorruptIndexError naming the file."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptIndexError(f"{path}: damaged, not JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise CorruptIndexError(f"{path}: damaged, not a JSON object")
+    checksum = data.pop("checksum", None)
+    if checksum is not None and checksum != _manifest_digest(data):
+        raise CorruptIndexError(f"{path}: damaged (its checksum does not match its content)")
+    if data.get("format") != STORE_FORMAT:
+        raise ValueError(f"{path}: unsupported store format {data.get('format')!r} (expected {STORE_FORMAT})")
+    try:
+        return StoreManifest(**data)
+    except (TypeError, ValueError) as err:
+        raise CorruptIndexError(f"{path}: damaged ({err})") from None

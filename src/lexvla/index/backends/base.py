@@ -14,6 +14,7 @@ import abc
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -142,7 +143,13 @@ def create_backend(name: str, store: VectorStore, options: dict | None = None) -
 
 # -- helpers ---------------------------------------------------------------------------------------
 def read_state(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A backend's state file; a damaged one reads as empty, so the backend rebuilds (derived data)."""
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8")) if path.is_file() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        logging.getLogger(__name__).warning("ignoring damaged %s (the backend rebuilds its files)", path)
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def topk_rows(cols: np.ndarray, vals: np.ndarray, k: int) -> Candidates:

@@ -31,7 +31,7 @@ from lexvla.index.backends.base import (
     register_backend,
     topk_rows,
 )
-from lexvla.index.store import VectorStore, atomic_save_npy, atomic_write_text
+from lexvla.index.store import CorruptIndexError, VectorStore, atomic_save_npy, atomic_write_text, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -73,26 +73,54 @@ class ExactBackend(SearchBackend):
         want = {"rows": self.store.n_rows, "nnz": self.store.manifest.nnz}
         state = read_state(self.store.directory / self.STATE)
         if {k: state.get(k) for k in want} != want:
-            t0 = time.perf_counter()
-            csc = self.store.matrix().tocsc()  # CSC arrays of docs == CSR arrays of docs^T
-            csc.sort_indices()
-            for part, path in self._files().items():
-                atomic_save_npy(path, np.asarray(getattr(csc, part)))
-            atomic_write_text(self.store.directory / self.STATE, json.dumps(want))
-            logger.info("exact: wrote postings for %d rows in %.1fs", want["rows"], time.perf_counter() - t0)
-            self._postings = None
+            self._write_postings(want)
         if self._postings is None:
-            arrays = {a: np.load(p, mmap_mode="r") for a, p in self._files().items()}
-            for a in arrays.values():  # start reading the postings in now, not during the first query
-                m = getattr(a, "_mmap", None)
-                if m is not None and hasattr(mmap, "MADV_WILLNEED"):
-                    m.madvise(mmap.MADV_WILLNEED)
-            self._postings = sp.csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]),
-                                           shape=(self.store.dim, want["rows"]), copy=False)
+            self._postings = self._load_postings(want)
+            if self._postings is None:  # damaged postings are derived data: rebuild them from the store
+                self._write_postings(want)
+                self._postings = self._load_postings(want)
+            if self._postings is None:
+                raise CorruptIndexError(f"{self.store.directory}: exact postings unreadable after a rebuild")
         deleted = self.store.manifest.deleted
         if len(deleted) != self._dead_count:
             self._dead = np.asarray(sorted(deleted), dtype=np.int64) if deleted else None
             self._dead_count = len(deleted)
+
+    def _write_postings(self, want: dict) -> None:
+        t0 = time.perf_counter()
+        csc = self.store.matrix().tocsc()  # CSC arrays of docs == CSR arrays of docs^T
+        csc.sort_indices()
+        digests = {}
+        for part, path in self._files().items():
+            atomic_save_npy(path, np.asarray(getattr(csc, part)))
+            digests[part] = file_sha256(path)
+        atomic_write_text(self.store.directory / self.STATE, json.dumps({**want, "sha256": digests}))
+        logger.info("exact: wrote postings for %d rows in %.1fs", want["rows"], time.perf_counter() - t0)
+        self._postings = None
+
+    def _load_postings(self, want: dict) -> sp.csr_matrix | None:
+        """The memory-mapped postings, checked (digest, bounds); None (logged) when damaged."""
+        digests = read_state(self.store.directory / self.STATE).get("sha256") or {}
+        dim, rows, nnz = self.store.dim, want["rows"], want["nnz"]
+        try:
+            arrays = {}
+            for a, p in self._files().items():
+                if not isinstance(digests, dict) or digests.get(a) is None or file_sha256(p) != digests[a]:
+                    raise CorruptIndexError(f"{p}: checksum mismatch")
+                arrays[a] = np.load(p, mmap_mode="r", allow_pickle=False)
+            indptr, indices = arrays["indptr"], arrays["indices"]
+            if (len(indptr) != dim + 1 or indptr[0] != 0 or indptr[-1] != nnz or len(indices) != nnz
+                    or len(arrays["data"]) != nnz or np.any(np.diff(indptr) < 0)
+                    or (nnz and (int(indices.min()) < 0 or int(indices.max()) >= rows))):
+                raise CorruptIndexError("postings arrays out of bounds")
+        except (OSError, ValueError) as err:
+            logger.warning("exact: rebuilding the postings of %s (%s)", self.store.directory, err)
+            return None
+        for a in arrays.values():  # start reading the postings in now, not during the first query
+            m = getattr(a, "_mmap", None)
+            if m is not None and hasattr(mmap, "MADV_WILLNEED"):
+                m.madvise(mmap.MADV_WILLNEED)
+        return sp.csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]), shape=(dim, rows), copy=False)
 
     def _one(self, indices: np.ndarray, weights: np.ndarray, k: int) -> Candidates:
         if len(indices) == 0:
