@@ -247,8 +247,6 @@ def run_caption_experiment(config: CaptionExperimentConfig, output_dir: str | Pa
                            progress: bool = False) -> dict[str, Any]:
     """All seeds x noise rates x {plain, CAL}; writes results.json after every run (a cut run keeps its
     finished rows), then results.md and the plots (:func:`write_caption_report`)."""
-    from safetensors.torch import load_file  # noqa: F401  (checkpoints are read by inspect)
-
     from lexvla.cal.train import TrainConfig, train_stage
     from lexvla.models.backbones import create_backbone
     from lexvla.models.text import load_causal_lm

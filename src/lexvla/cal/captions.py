@@ -119,9 +119,11 @@ def render_caption(slots: Sequence[str]) -> str:
 
 
 def caption_slots(concept: Concept, keywords: int = 2) -> tuple[str, ...]:
-    """Name + the first ``keywords`` keywords that do not repeat the name's words."""
+    """Name + the first ``keywords`` keywords that are plain words (letters only, 3+, not function words)
+    and do not repeat the name's words."""
     name_words = {w.lower() for w in _WORD.findall(concept.name)}
-    kws = [k for k in concept.keywords if k.strip() and k.lower() not in name_words and k.lower() != concept.name.lower()]
+    kws = [k for k in (k.strip() for k in concept.keywords)
+           if k.isalpha() and len(k) >= 3 and is_content_word(k) and k.lower() not in name_words]
     return (concept.name.strip(), *[k.strip() for k in kws[:keywords]])
 
 
@@ -220,11 +222,12 @@ def read_concepts(path: str | Path) -> list[Concept]:
 
 
 def select_concepts(concepts: Sequence[Concept], n: int, seed: int = 0, keywords: int = 2) -> list[Concept]:
-    """A seeded subset of ``n`` concepts with distinct names, ``keywords`` usable keywords each and single-
-    token-safe names (at most 4 words), so every caption has the full template."""
+    """A seeded subset of ``n`` concepts with distinct names, ``keywords`` usable keywords each and short
+    names (at most 4 words, no template separators), so every caption has the full template."""
     usable = {}
     for c in concepts:
-        if len(caption_slots(c, keywords)) == keywords + 1 and len(c.name.split()) <= 4 and c.images:
+        if (len(caption_slots(c, keywords)) == keywords + 1 and len(c.name.split()) <= 4 and c.images
+                and not set(c.name) & set(":,")):  # the template's separators
             usable.setdefault(c.name.lower(), c)
     pool = sorted(usable.values(), key=lambda c: c.name)
     if len(pool) < n:

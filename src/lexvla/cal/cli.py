@@ -94,6 +94,27 @@ def register(subparsers) -> None:
     e.add_argument("--report-only", action="store_true", help="redraw table and plot from results.json")
     e.set_defaults(func=cmd_experiment)
 
+    c = sub.add_parser("caption-experiment",
+                       help="caption-noise experiment on emoji names + keywords (full SmolLM2 + LoRA), with vs "
+                            "without CAL, and the noisy-token finder's ROC AUC")
+    c.add_argument("--output", default="runs/cal-captions-noise", help="results folder")
+    c.add_argument("--concepts", default=None,
+                   help="emoji-noto (default) | emoji-fluent | emoji-openmoji | emoji | a concepts JSONL | fixture")
+    c.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
+    c.add_argument("--noise", type=float, nargs="+", default=None, help="caption noise rates (default 0 0.2 0.4)")
+    c.add_argument("--n-concepts", type=int, default=None)
+    c.add_argument("--train-views", type=int, default=None)
+    c.add_argument("--test-views", type=int, default=None)
+    c.add_argument("--steps", type=int, default=None)
+    c.add_argument("--batch-size", type=int, default=None)
+    c.add_argument("--lr", type=float, default=None)
+    c.add_argument("--image-tokens", type=int, default=None)
+    c.add_argument("--llm-layers", type=int, default=None, help="default: all 30")
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--no-bf16", action="store_true", help="float32 instead of bfloat16 autocast")
+    c.add_argument("--report-only", action="store_true", help="redraw tables and plots from results.json")
+    c.set_defaults(func=cmd_caption_experiment)
+
     cal.set_defaults(func=lambda args: (cal.print_help(), 2)[1])
 
 
@@ -230,5 +251,28 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if args.smoothing:
         cfg = dataclasses.replace(cfg, cal=dataclasses.replace(cfg.cal, smoothing=args.smoothing))
     run_experiment(cfg, out, progress=True)
+    _say((out / "results.md").read_text())
+    return 0
+
+
+def cmd_caption_experiment(args: argparse.Namespace) -> int:
+    from lexvla.cal.caption_experiment import (
+        CaptionExperimentConfig,
+        run_caption_experiment,
+        write_caption_report,
+    )
+
+    out = Path(args.output)
+    if args.report_only:
+        write_caption_report(json.loads((out / "results.json").read_text()), out)
+        _say((out / "results.md").read_text())
+        return 0
+    overrides = {"concepts": args.concepts, "seeds": tuple(args.seeds) if args.seeds else None,
+                 "noise_rates": tuple(args.noise) if args.noise else None, "n_concepts": args.n_concepts,
+                 "train_views": args.train_views, "test_views": args.test_views, "steps": args.steps,
+                 "batch_size": args.batch_size, "lr": args.lr, "image_tokens": args.image_tokens,
+                 "llm_layers": args.llm_layers, "threads": args.threads, "bf16": False if args.no_bf16 else None}
+    cfg = CaptionExperimentConfig(**{k: v for k, v in overrides.items() if v is not None})
+    run_caption_experiment(cfg, out, progress=True)
     _say((out / "results.md").read_text())
     return 0

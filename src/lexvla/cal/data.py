@@ -164,3 +164,21 @@ def compute_features(backbone: torch.nn.Module, images: Sequence[str], batch_siz
         save_file({"features": stacked.contiguous()}, file)
     logger.info("computed backbone features for %d images: %s", len(unique), tuple(stacked.shape))
     return dict(zip(unique, stacked, strict=True))
+
+
+def dataset_concepts(name: str, split: str = "train"):
+    """Concepts (:class:`lexvla.cal.captions.Concept`: base name, CLDR keywords, the RGBA cut-outs of every
+    image of the concept, skin tones included) of an emoji data set (``emoji-noto``, ``emoji-fluent``,
+    ``emoji-openmoji``, ``emoji``) prepared by ``lexvla data fetch emoji``."""
+    from lexvla.cal.captions import Concept
+    from lexvla.data.emoji import DATASET_STYLES, concept_name, load_emoji
+
+    if name not in DATASET_STYLES:
+        raise ValueError(f"unknown concept data set {name!r}: a concepts JSONL file, 'fixture' or one of "
+                         f"{sorted(DATASET_STYLES)}")
+    ds = load_emoji(DATASET_STYLES[name], split)
+    by_concept: dict[str, list] = {}
+    for im in ds.images:
+        by_concept.setdefault(im.concept, []).append(im)
+    return [Concept(concept_name(ims, c), ims[0].keywords, tuple(str(im.rgba) for im in ims))
+            for c, ims in sorted(by_concept.items())]
