@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import logging
 import os
@@ -37,7 +36,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from lexvla.data.records import PairRecord
 from lexvla.io import atomic_write_text
-from lexvla.preprocess import IMAGE_SUFFIXES, ImageLoadError, load_image, to_rgb
+from lexvla.preprocess import IMAGE_SUFFIXES, ImageLoadError
+from lexvla.preprocess import decode_image as _decode
 
 logger = logging.getLogger(__name__)
 
@@ -70,18 +70,12 @@ class Skipped:
 
 
 def decode_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
-    """Decode an image file (via :func:`lexvla.load_image`) or encoded bytes into a loaded RGB image.
+    """Decode an image file or encoded bytes into a loaded, upright RGB image (the one decoder,
+    :func:`lexvla.preprocess.decode_image`: pixel cap, EXIF orientation).
 
     Raises :class:`lexvla.ImageLoadError` (naming ``name`` or the path) for anything unreadable.
     """
-    if isinstance(source, (str, Path)):
-        return load_image(source)
-    try:
-        with Image.open(io.BytesIO(source)) as im:
-            im.load()  # decode now, so a truncated file fails here and not in a later transform
-            return to_rgb(im)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ImageLoadError(f"cannot decode image {name or '<bytes>'}: {err}") from None
+    return _decode(source, name=name)
 
 
 # ----------------------------------------------------------------------------------------------- stats

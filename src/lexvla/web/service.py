@@ -25,7 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..index import Hit, SparseIndex
-from ..preprocess import to_rgb
+from ..preprocess import ImageLoadError, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -81,22 +81,14 @@ def decode_upload(data: bytes, config: WebConfig) -> Image.Image:
         raise UploadError(f"upload is {len(data)} bytes; the limit is {config.max_upload_bytes}", 413)
     if not data:
         raise UploadError("upload is empty", 422)
-    try:
-        img = Image.open(io.BytesIO(data))  # reads the header only: format from magic bytes
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise UploadError(f"upload is not an image; accepted types: {', '.join(config.upload_formats)}",
-                          415) from None
-    if img.format not in config.upload_formats:
-        raise UploadError(f"image type {img.format} is not accepted; accepted: {', '.join(config.upload_formats)}",
-                          415)
-    w, h = img.size
-    if w * h > config.max_image_pixels:
-        raise UploadError(f"image is {w}x{h} pixels; the limit is {config.max_image_pixels} pixels", 413)
-    try:
-        img.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise UploadError(f"image could not be decoded: {err}", 422) from None
-    return to_rgb(img)
+    try:  # the one decoder: magic-byte format check and pixel cap from the header, then decode
+        return decode_image(data, name="the upload", max_pixels=config.max_image_pixels,
+                            formats=config.upload_formats)
+    except ImageLoadError as err:
+        if err.kind == "format":
+            raise UploadError(f"upload is not an accepted image ({err}); accepted types: "
+                              f"{', '.join(config.upload_formats)}", 415) from None
+        raise UploadError(str(err), 413 if err.kind == "too_large" else 422) from None
 
 
 class _LRU:
