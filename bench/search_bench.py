@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from lexvla.index import ModelRecord, SparseIndex, SparsifySettings
+from lexvla.index import ModelRecord, SparseIndex, Sparsification
 from lexvla.index.backends import create_backend
 from lexvla.vocab import Vocabulary
 
@@ -223,7 +223,7 @@ def prepare_sparse(args: argparse.Namespace, dim: int, tag: str, index_dir: Path
         shutil.rmtree(index_dir, ignore_errors=True)
         vocab = Vocabulary([f"w{i}" for i in range(dim)], list(range(dim)), source="synthetic")
         index = SparseIndex.create(index_dir, vocab, ModelRecord("synthetic", "synthetic", vocab.fingerprint(), dim),
-                                   SparsifySettings())
+                                   Sparsification.none())
         t0 = time.perf_counter()
         for start in range(0, args.n_docs, 100_000):
             stop = min(start + 100_000, args.n_docs)

@@ -131,7 +131,7 @@ def test_patchdis_end_to_end(tmp_path, model):
 def test_sparsity_analysis_end_to_end(tmp_path, model, cache_root):
     write_karpathy(tmp_path, "flickr30k", n_test=3)
     data = load_retrieval_set("flickr30k", RetrievalDataConfig(root=tmp_path))
-    settings = [Sparsification("none"), Sparsification("threshold"), Sparsification("topk", 50)]
+    settings = [Sparsification.none(), Sparsification(), Sparsification(None, topk=50)]
     rep = sparsity_analysis(model, data, RetrievalConfig(progress=False), settings, out_dir=tmp_path / "o")
     actives = [p["active_words"] for p in rep.points]
     assert actives[0] == len(model.vocab) and actives[2] <= 50
@@ -153,5 +153,6 @@ def test_cli_retrieval(tmp_path, cache_root, capsys, monkeypatch, model):
     assert args.func(args) == 0
     assert "R@1" in capsys.readouterr().out
     saved = json.loads((tmp_path / "res" / "retrieval_coco.json").read_text())
-    assert saved["sparsification"] == {"mode": "topk", "value": 64.0, "default_threshold": False}
+    assert saved["sparsification"] == {"spec": "topk:64", "mode": "topk", "threshold": None, "topk": 64,
+                                       "value": 64.0, "default_threshold": False}
     assert saved["active_words"]["text"] <= 64

@@ -135,9 +135,14 @@ def test_sparsification_and_stats():
     assert (th(v) != 0).sum(1).tolist() == [1, 0]
     assert (Sparsification.parse("topk:2")(v) != 0).sum(1).tolist() == [2, 2]
     assert torch.equal(Sparsification.parse("none")(v), v)
-    assert th.describe(4) == {"mode": "threshold", "value": 0.5, "default_threshold": True}
+    assert th.describe(4) == {"spec": "threshold", "mode": "threshold", "threshold": 0.5, "topk": None,
+                              "value": 0.5, "default_threshold": True}
     with pytest.raises(ValueError, match="sparsification"):
         Sparsification.parse("top:3")
+    both = Sparsification.parse("threshold:0.2,topk:1")
+    assert (both(v) != 0).sum(1).tolist() == [1, 1] and str(both) == "threshold:0.2,topk:1"
+    for spec in ("threshold", "threshold:0.01", "topk:64", "threshold,topk:8", "none"):
+        assert str(Sparsification.parse(spec)) == spec  # the spelling round-trips
     s = sparsity_stats(v)
     share = np.array([1.0, 1.0, 1.0, 0.5])
     assert s.flops == pytest.approx(float((share**2).sum()))

@@ -16,10 +16,10 @@ from lexvla.index import (
     ModelMismatchError,
     ModelRecord,
     SparseIndex,
-    SparsifySettings,
     VectorStore,
     list_backends,
 )
+from lexvla.sparsification import Sparsification
 from lexvla.vocab import Vocabulary
 
 V, N_DOCS, N_QUERIES, K = 400, 600, 25, 10
@@ -288,13 +288,13 @@ def test_reopen_is_memory_mapped_and_identical(built, collection):
 def test_query_sparsification(tmp_path, vocab, collection):
     docs, queries = collection
     index = SparseIndex.create(tmp_path, vocab, ModelRecord("raw", "fp", vocab.fingerprint(), V),
-                               SparsifySettings(threshold=0.05, topk=20))
+                               Sparsification(threshold=0.05, topk=20))
     index.add(docs, [f"d{i}" for i in range(N_DOCS)])
     stored = index.store().matrix()
     assert stored.data.min() > 0.05 and np.diff(stored.indptr).max() <= 20
-    q = index.prepare_queries(queries, topk=3)
+    q = index.prepare_queries(queries, "threshold:0.05,topk:3")
     assert np.diff(q.indptr).max() <= 3 and q.data.min() > 0.05
-    hits = index.search_vectors(queries, k=3, topk=3)
+    hits = index.search_vectors(queries, k=3, sparsify=Sparsification(0.05, topk=3))
     for i, row in enumerate(hits):
         for h in row:
             assert len(h.explanation.words) <= 3

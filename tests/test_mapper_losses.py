@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,21 +10,34 @@ import torch.nn.functional as F
 from lexvla.config import MapperConfig
 from lexvla.losses import ContrastiveLoss, FlopsLoss, LexVLALoss, OveruseLoss, RampUp
 from lexvla.models.mapper import LexicalMapper
-from lexvla.outputs import LexicalOutput, sparsify
+from lexvla.outputs import LexicalOutput
+from lexvla.sparsification import Sparsification
 
 
 def test_sparsify_threshold_and_topk_exact():
     v = torch.tensor([[0.5, 0.1, 0.3, 0.0, 0.3], [0.2, 0.2, 0.2, 0.9, 0.01]])
-    t = sparsify(v, threshold=0.25)
+    t = Sparsification(threshold=0.25)(v)
     assert torch.equal(t, torch.tensor([[0.5, 0, 0.3, 0, 0.3], [0, 0, 0, 0.9, 0]]))
-    k = sparsify(v, topk=2)
+    k = Sparsification(None, topk=2)(v)
     assert ((k != 0).sum(-1) == 2).all()
     assert k[0, 0] == 0.5 and k[1, 3] == 0.9
-    both = sparsify(v, threshold=0.25, topk=1)
+    both = Sparsification(threshold=0.25, topk=1)(v)
     assert torch.equal(both, torch.tensor([[0.5, 0, 0, 0, 0], [0, 0, 0, 0.9, 0]]))
-    assert torch.equal(sparsify(v), v)
+    assert torch.equal(Sparsification.none()(v), v)
+    assert torch.equal(Sparsification()(v), Sparsification(threshold=1 / math.sqrt(5))(v))  # default 1/sqrt(V)
     with pytest.raises(ValueError):
-        sparsify(v, topk=0)
+        Sparsification(None, topk=0)
+
+
+def test_sparsification_is_the_same_on_tensors_and_csr_matrices():
+    import scipy.sparse as sp
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.rand(6, 40, generator=g) ** 4
+    for s in (Sparsification(), Sparsification(0.05, topk=5), Sparsification(None, topk=3)):
+        dense = s(v)
+        csr = s(sp.csr_matrix(v.numpy()))
+        np.testing.assert_allclose(csr.toarray(), dense.numpy(), rtol=0, atol=0)
 
 
 def test_lexical_output_sparsify_patches_and_scipy():

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .sparsification import Sparsification
 from .vocab import VocabularyFilter
 
 ACTIVATIONS = ("elu1", "log1p_relu")
@@ -106,7 +107,8 @@ class MapperConfig:
     # keeps the prediction; "standardize" also divides by the std so `margin` is in std units.
     centering: str = "standardize"
     margin: float = 2.0  # subtracted after centering: only words `margin` std above the mean get > 1
-    threshold: str | float | None = "inv_sqrt_v"  # default sparsification at inference
+    # Default sparsification at inference (lexvla.sparsification.Sparsification): "inv_sqrt_v" = 1/sqrt(V).
+    threshold: str | float | None = "inv_sqrt_v"
     topk: int | None = None
     # Top-k inside the mapper, in training and at inference alike: each vector keeps at most this many
     # words before the L2 norm (gradients reach the kept ones only). None = no cap.
@@ -119,6 +121,7 @@ class MapperConfig:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.centering not in CENTERINGS:
             raise ValueError(f"centering must be one of {CENTERINGS}, got {self.centering!r}")
+        Sparsification(self.threshold, self.topk)  # validates both
 
 
 @dataclass

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from .data import EasyVQAConfig, EasyVQADataset, Pair, PairRecord, SkipStats, load_easyvqa
+from .sparsification import Sparsification
 
 logger = logging.getLogger(__name__)
 
@@ -354,7 +355,6 @@ def _evaluate(model: Any, cfg: DemoConfig, progress: bool) -> _Evaluation:
 
     from .data import TextVectorCache
     from .data.cache import cache_backbone_features
-    from .eval.encode import Sparsification
     from .eval.retrieval import retrieval_from_vectors
     from .eval.retrieval_data import RetrievalDataConfig, load_retrieval_set
     from .train.data import text_fingerprint
@@ -498,7 +498,7 @@ def _write_report(out_dir: Path, model: Any, cfg: DemoConfig, ev: _Evaluation, m
     body += words_table([["per image", res.active_words["image"]], ["per caption", res.active_words["text"]],
                          ["vocabulary", len(model.vocab)]], ["mean active words", ""])
     body += paragraph(f"{res.num_images} test images, {res.num_texts} distinct captions; a match = same colour "
-                      f"and shape; vectors sparsified at 1/sqrt(V) = {1 / math.sqrt(len(model.vocab)):.5f}; "
+                      f"and shape; vectors sparsified at 1/sqrt(V) = {Sparsification().threshold_for(len(model.vocab)):.5f}; "
                       f"ties counted against the model.", "note")
     sections.append(HtmlSection("Zero-shot retrieval on the easy-vqa test split", body=body))
 

@@ -2,29 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-
-def sparsify(vectors: torch.Tensor, threshold: float | None = None, topk: int | None = None) -> torch.Tensor:
-    """Zero every entry except those ``> threshold`` and/or among the ``topk`` largest of each row.
-
-    Works on any leading shape (the last dimension is the vocabulary). Ties at the k-th value keep
-    exactly k entries (``torch.topk`` picks), so "top-k" always means at most k active words.
-    """
-    out = vectors
-    if threshold is not None:
-        out = out * (out > threshold)
-    if topk is not None:
-        if topk <= 0:
-            raise ValueError(f"topk must be positive, got {topk}")
-        k = min(topk, out.shape[-1])
-        idx = out.topk(k, dim=-1).indices
-        mask = torch.zeros_like(out, dtype=torch.bool).scatter_(-1, idx, True)
-        out = out * mask
-    return out
 
 
 @dataclass
@@ -43,10 +24,13 @@ class LexicalOutput:
     def __len__(self) -> int:
         return self.vectors.shape[0]
 
-    def sparsify(self, threshold: float | None = None, topk: int | None = None) -> LexicalOutput:
-        """Same output with ``vectors`` (and patch vectors) sparsified; see :func:`sparsify`."""
-        patches = None if self.patch_vectors is None else sparsify(self.patch_vectors, threshold, topk)
-        return replace(self, vectors=sparsify(self.vectors, threshold, topk), patch_vectors=patches)
+    def sparsify(self, threshold: float | str | None = None, topk: int | None = None) -> LexicalOutput:
+        """Same output with ``vectors`` (and patch vectors) sparsified by
+        ``Sparsification(threshold, topk)`` (both None: unchanged). ``model.sparsify(out)`` applies the
+        model's own default instead."""
+        from .sparsification import Sparsification
+
+        return Sparsification(threshold, topk)(self)
 
     def active_words(self) -> torch.Tensor:
         """Number of non-zero entries per vector, shape (N,)."""

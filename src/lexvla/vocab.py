@@ -105,11 +105,6 @@ class Vocabulary:
     def lookup(self, dims: Iterable[int]) -> list[str]:
         return [self.words[int(d)] for d in dims]
 
-    @property
-    def threshold(self) -> float:
-        """The paper's default sparsification threshold 1/sqrt(V) for L2-normalised vectors."""
-        return 1.0 / float(np.sqrt(len(self)))
-
     def fingerprint(self) -> str:
         """Short stable hash; indexes and caches record it to refuse vectors from another vocabulary."""
         import hashlib

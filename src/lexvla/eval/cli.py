@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .encode import Sparsification
+from ..sparsification import SPEC_HELP, Sparsification
 from .metrics import TIE_RULES
 from .patchdis import BACKGROUND_MODES, PatchDisConfig
 from .retrieval import RetrievalConfig
@@ -40,8 +40,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default=None, help="dataset split (default: test; VOC: val)")
     p.add_argument("--limit", type=int, help="first N images only (quick checks; not the paper protocol)")
     p.add_argument("--out", type=Path, default=Path("eval_results"), help="folder for JSON results and pictures")
-    p.add_argument("--sparsify", default="threshold",
-                   help="threshold (=1/sqrt(V)), threshold:<t>, topk:<k> or none (default: threshold)")
+    p.add_argument("--sparsify", type=Sparsification.parse, default="threshold", metavar="SPEC", help=SPEC_HELP)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

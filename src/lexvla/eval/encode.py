@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,84 +21,11 @@ from tqdm.auto import tqdm
 
 from .._assets import cache_dir
 from ..io import atomic_path
-from ..outputs import sparsify
+from ..sparsification import Sparsification  # noqa: F401 - re-exported: lexvla.eval.Sparsification
 
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-
-
-# ----------------------------------------------------------------------------- sparsification
-
-_SPARSIFIERS: dict[str, Callable[[torch.Tensor, float | None], torch.Tensor]] = {}
-
-
-def _sparsifier(name: str):
-    def deco(fn):
-        _SPARSIFIERS[name] = fn
-        return fn
-
-    return deco
-
-
-@_sparsifier("threshold")
-def _by_threshold(v: torch.Tensor, value: float | None) -> torch.Tensor:
-    return sparsify(v, threshold=value)
-
-
-@_sparsifier("topk")
-def _by_topk(v: torch.Tensor, value: float | None) -> torch.Tensor:
-    return sparsify(v, topk=int(value))
-
-
-@_sparsifier("none")
-def _keep_all(v: torch.Tensor, value: float | None) -> torch.Tensor:
-    return v
-
-
-@dataclass(frozen=True)
-class Sparsification:
-    """Inference-time sparsification of lexical vectors, applied before any similarity.
-
-    mode "threshold": keep entries > value; value None = 1/sqrt(V) (the paper's default), V = the
-    vectors' width. mode "topk": keep the ``int(value)`` largest entries. mode "none": dense.
-    Vectors are not re-normalised after sparsification (the paper compares the pruned vectors as is).
-    """
-
-    mode: str = "threshold"
-    value: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.mode not in _SPARSIFIERS:
-            raise ValueError(f"sparsification mode must be one of {sorted(_SPARSIFIERS)}, got {self.mode!r}")
-        if self.mode == "topk" and (self.value is None or int(self.value) <= 0):
-            raise ValueError(f"topk sparsification needs a positive k, got {self.value!r}")
-        if self.mode == "threshold" and self.value is not None and self.value < 0:
-            raise ValueError(f"threshold must be >= 0, got {self.value}")
-
-    @classmethod
-    def parse(cls, text: str) -> Sparsification:
-        """``"threshold"`` (1/sqrt(V)), ``"threshold:0.01"``, ``"topk:512"`` or ``"none"``."""
-        mode, _, value = text.strip().partition(":")
-        try:
-            return cls(mode, float(value) if value else None)
-        except ValueError as err:
-            raise ValueError(f"bad sparsification {text!r}: {err}") from None
-
-    def resolved_value(self, vocab_size: int) -> float | None:
-        if self.mode == "threshold" and self.value is None:
-            return 1.0 / math.sqrt(vocab_size)
-        return self.value
-
-    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
-        return _SPARSIFIERS[self.mode](vectors, self.resolved_value(vectors.shape[-1]))
-
-    def describe(self, vocab_size: int) -> dict[str, Any]:
-        value = self.resolved_value(vocab_size)
-        return {"mode": self.mode, "value": value, "default_threshold": self.mode == "threshold" and self.value is None}
-
-    def __str__(self) -> str:
-        return self.mode if self.value is None else f"{self.mode}:{self.value:g}"
 
 
 # ----------------------------------------------------------------------------- cache

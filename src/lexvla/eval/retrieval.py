@@ -93,7 +93,7 @@ class RetrievalResult(JSONResult):
         s = self.sparsification
         rows.append(
             f"{self.dataset}: {self.num_images} images, {self.num_texts} texts; sparsification {s['mode']}"
-            + (f" {s['value']:.4g}" if s["value"] is not None else "")
+            + (f" {s['value']:.4g}" if s.get("value") is not None else "")
             + f"; active words image {self.active_words['image']:.0f}, text {self.active_words['text']:.0f}; ties {self.ties}"
         )
         return "\n".join(rows)

@@ -7,7 +7,6 @@ thresholds as multiples of 1/sqrt(V) (0 = dense) and top-k values (from V down t
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -88,9 +87,9 @@ class SparsityReport(JSONResult):
 def sparsity_settings(
     vocab_size: int, threshold_multiples: Sequence[float] = DEFAULT_THRESHOLD_MULTIPLES, topks: Sequence[int] = DEFAULT_TOPKS
 ) -> list[Sparsification]:
-    base = 1.0 / math.sqrt(vocab_size)
-    settings = [Sparsification("threshold", m * base) for m in threshold_multiples]
-    settings += [Sparsification("topk", float(k)) for k in topks if k < vocab_size]
+    base = Sparsification().threshold_for(vocab_size)  # 1/sqrt(V)
+    settings = [Sparsification(threshold=m * base) for m in threshold_multiples]
+    settings += [Sparsification(threshold=None, topk=k) for k in topks if k < vocab_size]
     return settings
 
 

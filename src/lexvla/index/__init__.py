@@ -21,7 +21,6 @@ from lexvla.index.core import (
     ModelMismatchError,
     ModelRecord,
     SparseIndex,
-    SparsifySettings,
     to_csr,
 )
 from lexvla.index.explain import Explanation, Hit, WordContribution
@@ -29,7 +28,7 @@ from lexvla.index.store import VectorStore
 
 __all__ = [
     "BACKENDS", "COLLECTIONS", "BuildReport", "Candidates", "Explanation", "Hit", "IndexInfo", "ModelMismatchError",
-    "ModelRecord", "SearchBackend", "SkippedItem", "SparseIndex", "SparsifySettings", "VectorStore",
+    "ModelRecord", "SearchBackend", "SkippedItem", "SparseIndex", "Sparsification", "VectorStore",
     "WordContribution", "build_index", "collect_images", "create_backend", "list_backends", "read_captions",
     "register_backend", "to_csr",
 ]

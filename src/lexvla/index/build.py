@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lexvla.index.core import ModelRecord, SparseIndex, SparsifySettings, writer_lock
+from lexvla.index.core import ModelRecord, SparseIndex, writer_lock
 from lexvla.preprocess import IMAGE_SUFFIXES
+from lexvla.sparsification import Sparsification
 
 logger = logging.getLogger(__name__)
 
@@ -152,15 +153,11 @@ def _unique(items: list, source: Any) -> list:
     return items
 
 
-def _default_sparsify(model: Any, threshold: float | str | None, topk: int | None) -> SparsifySettings:
-    if threshold == "auto":
-        # The model's own default (1/sqrt(V) unless its config says otherwise) and its top-k.
-        mapper = getattr(model, "mapper", None)
-        threshold = (mapper.default_threshold(len(model.vocab)) if mapper is not None
-                     else model.vocab.threshold)
-        if topk is None:
-            topk = getattr(getattr(getattr(model, "config", None), "mapper", None), "topk", None)
-    return SparsifySettings(None if threshold is None else float(threshold), topk)
+def _default_sparsify(model: Any, sparsify: Sparsification | str | None) -> Sparsification:
+    """``sparsify`` as given (an object or its CLI spelling), or the model's own default."""
+    if sparsify is None:
+        return getattr(model, "sparsification", None) or Sparsification()
+    return Sparsification.parse(sparsify)
 
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -168,15 +165,15 @@ ProgressCallback = Callable[[str, int, int], None]
 
 def build_index(model: Any, images: str | Path | Sequence[str | Path] | None = None,
                 out: str | Path = "index", backend: str = "exact", batch_size: int = 32,
-                captions: str | Path | Sequence[str] | None = None, threshold: float | str | None = "auto",
-                topk: int | None = None, backend_options: dict | None = None, progress: bool = True,
+                captions: str | Path | Sequence[str] | None = None,
+                sparsify: Sparsification | str | None = None, backend_options: dict | None = None, progress: bool = True,
                 on_batch: ProgressCallback | None = None, sync: bool = True,
                 model_source: str | None = None, shards: str | Sequence[str] | None = None) -> BuildReport:
     """Encode ``images`` (folder, manifest or paths) and ``captions`` into the index at ``out``.
 
     Re-running with the same ``out`` continues an interrupted build (the index's model must match).
-    ``threshold``/``topk``: document sparsification ("auto": the model's default); a resumed build keeps
-    the settings it started with. ``on_batch(collection, done, total)`` is called after each committed
+    ``sparsify``: document sparsification (a :class:`Sparsification` or its spelling, e.g.
+    ``"threshold,topk:64"``; None: the model's default); a resumed build keeps the settings it started with. ``on_batch(collection, done, total)`` is called after each committed
     batch. ``sync``: build the backend's structures at the end (Seismic index, Milvus inserts).
     ``model_source``: zoo name or checkpoint folder recorded so later commands can reload the model.
     ``shards``: WebDataset-style tar shards (``data/{00000..00099}.tar``) of image + caption samples: each
@@ -189,7 +186,7 @@ def build_index(model: Any, images: str | Path | Sequence[str | Path] | None = N
     t0 = time.perf_counter()
     out = Path(out)
     with writer_lock(out):
-        return _build_locked(model, images, out, backend, batch_size, captions, threshold, topk, backend_options,
+        return _build_locked(model, images, out, backend, batch_size, captions, sparsify, backend_options,
                              progress, on_batch, sync, model_source, shards, t0)
 
 
@@ -213,7 +210,7 @@ def _new_items(items: list, store: Any, same: Callable[[Any, dict], bool], repor
 
 
 def _build_locked(model: Any, images: Any, out: Path, backend: str, batch_size: int, captions: Any,
-                  threshold: float | str | None, topk: int | None, backend_options: dict | None,
+                  sparsify: Sparsification | str | None, backend_options: dict | None,
                   progress: bool, on_batch: ProgressCallback | None, sync: bool, model_source: str | None,
                   shards: Any, t0: float) -> BuildReport:
     import torch
@@ -227,7 +224,7 @@ def _build_locked(model: Any, images: Any, out: Path, backend: str, batch_size: 
         logger.info("resuming the index at %s", out)
     else:
         index = SparseIndex.create(out, model.vocab, ModelRecord.from_model(model),
-                                   _default_sparsify(model, threshold, topk), backend, backend_options,
+                                   _default_sparsify(model, sparsify), backend, backend_options,
                                    model_source=model_source)
     report = BuildReport(str(out), backend=index.backend_name)
     try:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lexvla.index.backends import list_backends
+from lexvla.sparsification import SPEC_HELP, Sparsification
 
 
 def _out(text: str = "") -> None:
@@ -38,15 +39,6 @@ def _backend_options(args: argparse.Namespace) -> dict:
     if getattr(args, "uri", None):
         options["uri"] = args.uri
     return options
-
-
-def _threshold(text: str) -> float | str | None:
-    if text in ("auto", "none"):
-        return None if text == "none" else "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"threshold must be 'auto', 'none' or a number, got {text!r}") from None
 
 
 def _model_source(name: str) -> str:
@@ -103,7 +95,7 @@ def _build(args: argparse.Namespace) -> int:
     source = source or "lexvla-embedded"
     model = _load_model(_model_source(source), out)
     report = build_index(model, images=args.images, out=out, backend=args.backend, batch_size=args.batch_size,
-                         captions=args.captions, threshold=args.threshold, topk=args.topk,
+                         captions=args.captions, sparsify=args.sparsify,
                          backend_options=_backend_options(args), progress=not args.no_progress,
                          model_source=_model_source(source), shards=args.shards)
     _print_report(report, args.json)
@@ -148,7 +140,7 @@ def _info(args: argparse.Namespace) -> int:
         return 0
     m = info.model
     _out(f"index {info.path}\n  model {m.name} (fingerprint {m.fingerprint}), vocabulary {m.dim} words "
-         f"({m.vocab_fingerprint})\n  sparsify threshold={info.sparsify.threshold} topk={info.sparsify.topk}"
+         f"({m.vocab_fingerprint})\n  sparsify {info.sparsify}"
          f"\n  backend {info.backend}")
     for name, c in info.collections.items():
         _out(f"  {name}: {c['items']} items ({c['deleted']} deleted), {c['avg_active_words']:.0f} active words "
@@ -173,7 +165,7 @@ def _search(args: argparse.Namespace) -> int:
                 hint = " (build it with --captions)" if target == "texts" else ""
                 raise ValueError(f"the index {args.index} has no {target}{hint}")
         model = _load_model(_model_source(args.model) if args.model else index.model_source, Path(args.index))
-        settings = {"threshold": args.query_threshold, "topk": args.query_topk}
+        settings = {"sparsify": args.sparsify}
         for target in targets:
             if args.image:
                 results[target] = index.search_image(model, [args.image], k=args.k, collection=target, **settings)[0]
@@ -207,9 +199,8 @@ def register(subparsers: Any) -> None:
     b.add_argument("--shards", help="WebDataset tar shards of image + caption samples, e.g. 'data/{00000..00099}.tar'")
     b.add_argument("--out", required=True, help="index folder")
     b.add_argument("--batch-size", type=int, default=32)
-    b.add_argument("--threshold", type=_threshold, default="auto",
-                   help="document sparsification: 'auto' (the model's 1/sqrt(V)), 'none' or a number")
-    b.add_argument("--topk", type=int, help="keep at most this many words per vector")
+    b.add_argument("--sparsify", type=Sparsification.parse, metavar="SPEC",
+                   help=f"document sparsification: {SPEC_HELP} (default: the model's own)")
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--json", action="store_true")
     _add_backend_args(b, "exact")
@@ -249,8 +240,8 @@ def register(subparsers: Any) -> None:
     s.add_argument("-k", type=int, default=10, help="number of hits")
     s.add_argument("--model", help="default: the model the index records")
     s.add_argument("--words", type=int, default=5, help="contributing words shown per hit")
-    s.add_argument("--query-threshold", type=float, help="query sparsification (default: as the documents)")
-    s.add_argument("--query-topk", type=int, help="keep at most this many query words")
+    s.add_argument("--sparsify", type=Sparsification.parse, metavar="SPEC",
+                   help=f"query sparsification: {SPEC_HELP} (default: as the documents)")
     s.add_argument("--json", action="store_true")
     _add_backend_args(s, None)
     s.set_defaults(func=_search)

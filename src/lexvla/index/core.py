@@ -36,6 +36,7 @@ from lexvla.index.backends import SearchBackend, create_backend, get_backend
 from lexvla.index.explain import Hit, explain_rows
 from lexvla.index.store import CorruptIndexError, StoreManifest, VectorStore
 from lexvla.io import WriterLock, atomic_write_text, clean_stale_tmp
+from lexvla.sparsification import Sparsification
 from lexvla.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -82,46 +83,12 @@ class ModelRecord:
 
 
 @dataclass
-class SparsifySettings:
-    """How vectors are sparsified before storing (docs) and before searching (queries).
-
-    threshold: keep weights > threshold (None: no threshold). topk: keep at most this many words.
-    Queries default to the documents' settings so both sides match the same way.
-    """
-
-    threshold: float | None = None
-    topk: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.threshold is not None and self.threshold < 0:
-            raise ValueError(f"sparsify threshold must be >= 0, got {self.threshold}")
-        if self.topk is not None and self.topk < 1:
-            raise ValueError(f"sparsify topk must be >= 1, got {self.topk}")
-
-    def apply(self, m: sp.csr_matrix) -> sp.csr_matrix:
-        """Sparsify CSR rows in place of a copy (ties at the k-th weight keep the lower dimension)."""
-        m = sp.csr_matrix(m, dtype=np.float32, copy=True)
-        if self.threshold is not None:
-            m.data[m.data <= self.threshold] = 0
-            m.eliminate_zeros()
-        if self.topk is not None:
-            for i in range(m.shape[0]):
-                s, e = m.indptr[i], m.indptr[i + 1]
-                if e - s > self.topk:
-                    vals = m.data[s:e]
-                    drop = np.lexsort((m.indices[s:e], -vals))[self.topk:]
-                    vals[drop] = 0
-            m.eliminate_zeros()
-        return m
-
-
-@dataclass
 class IndexInfo:
     """What ``lexvla index info`` prints."""
 
     path: str
     model: ModelRecord
-    sparsify: SparsifySettings
+    sparsify: Sparsification
     backend: str
     collections: dict[str, dict] = field(default_factory=dict)
 
@@ -166,7 +133,7 @@ class SparseIndex:
         self.meta = meta
         self.vocab = vocab
         self.model_record = ModelRecord(**meta["model"])
-        self.sparsify_settings = SparsifySettings(**meta["sparsify"])
+        self.sparsify_settings = Sparsification(**meta["sparsify"])
         self.backend_name = backend or meta.get("backend", "exact")
         options = dict(meta.get("backend_options", {}).get(self.backend_name, {}))
         given = {k: v for k, v in (backend_options or {}).items() if v is not None}
@@ -188,7 +155,7 @@ class SparseIndex:
     # -- creating and opening --------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | Path, vocab: Vocabulary, model: ModelRecord,
-               sparsify: SparsifySettings | None = None, backend: str = "exact",
+               sparsify: Sparsification | None = None, backend: str = "exact",
                backend_options: dict | None = None, model_source: str | None = None) -> SparseIndex:
         """A new empty index at ``path`` (refuses a folder that already holds one).
 
@@ -204,7 +171,7 @@ class SparseIndex:
         path.mkdir(parents=True, exist_ok=True)
         vocab.save(path / VOCAB_FILE)
         meta = {"format": INDEX_FORMAT, "uid": uuid.uuid4().hex[:12], "model": asdict(model),
-                "sparsify": asdict(sparsify or SparsifySettings()), "backend": backend,
+                "sparsify": (sparsify or Sparsification.none()).resolve(len(vocab)).to_dict(), "backend": backend,
                 "backend_options": {backend: saved_options}, "model_source": model_source}
         with writer_lock(path):
             if (path / INDEX_FILE).exists():
@@ -353,7 +320,7 @@ class SparseIndex:
     def add(self, vectors: Any, items: Sequence[dict | str], collection: str = "images") -> range:
         """Append vectors (sparsified with the index's settings) with ids or ``{"id": ..., ...}`` items."""
         items = [{"id": it} if isinstance(it, str) else dict(it) for it in items]
-        m = self.sparsify_settings.apply(to_csr(vectors, self.dim))
+        m = self.sparsify_settings(to_csr(vectors, self.dim))
         with self.writing():
             return self.store(collection).append(m, items)
 
@@ -363,17 +330,15 @@ class SparseIndex:
             return self.store(collection).delete(ids)
 
     # -- searching --------------------------------------------------------------------------------------
-    def prepare_queries(self, vectors: Any, threshold: float | None = None, topk: int | None = None
-                        ) -> sp.csr_matrix:
-        """Query vectors -> CSR sparsified like the documents unless ``threshold``/``topk`` override."""
-        s = self.sparsify_settings
-        settings = SparsifySettings(s.threshold if threshold is None else threshold, s.topk if topk is None else topk)
-        return settings.apply(to_csr(vectors, self.dim, "query vectors"))
+    def prepare_queries(self, vectors: Any, sparsify: Sparsification | str | None = None) -> sp.csr_matrix:
+        """Query vectors -> CSR sparsified like the documents, or by ``sparsify`` (an object or its spelling)."""
+        settings = self.sparsify_settings if sparsify is None else Sparsification.parse(sparsify)
+        return settings(to_csr(vectors, self.dim, "query vectors"))
 
     def search_vectors(self, queries: Any, k: int = 10, collection: str = "images",
-                       fingerprint: str | None = None, threshold: float | None = None,
-                       topk: int | None = None, words: int | None = None) -> list[list[Hit]]:
-        """Top-``k`` explained hits per query vector.
+                       fingerprint: str | None = None, sparsify: Sparsification | str | None = None,
+                       words: int | None = None) -> list[list[Hit]]:
+        """Top-``k`` explained hits per query vector (sparsified as in :meth:`prepare_queries`).
 
         ``words``: build only this many contributing words per hit (largest first; None: all of them).
         The hit's score and ``explanation.n_shared`` still count every shared word.
@@ -386,7 +351,7 @@ class SparseIndex:
             raise ValueError(f"k must be >= 1, got {k}")
         if fingerprint is not None:
             self.check_fingerprint(fingerprint)
-        q = self.prepare_queries(queries, threshold, topk)
+        q = self.prepare_queries(queries, sparsify)
         store = self.store(collection)
         if store.n_alive == 0:
             return [[] for _ in range(q.shape[0])]

@@ -14,6 +14,7 @@ from torch import nn
 from ..config import LexVLAConfig
 from ..outputs import LexicalOutput, LexVLAOutput
 from ..preprocess import ImageInput
+from ..sparsification import Sparsification
 from ..vocab import Vocabulary, build_vocabulary, check_vocabulary
 from .backbones import create_backbone
 from .mapper import LexicalMapper
@@ -122,12 +123,17 @@ class LexVLA(nn.Module):
         b = b.vectors if isinstance(b, LexicalOutput) else b
         return a @ b.T
 
-    def sparsify(self, out: LexicalOutput, threshold: float | None = None, topk: int | None = None
+    @property
+    def sparsification(self) -> Sparsification:
+        """The model's default inference sparsification (``config.mapper.threshold/topk``)."""
+        return Sparsification(self.config.mapper.threshold, self.config.mapper.topk)
+
+    def sparsify(self, out: LexicalOutput, threshold: float | str | None = None, topk: int | None = None
                  ) -> LexicalOutput:
-        """Sparsify with the given settings, or the config's default (1/sqrt(V) threshold)."""
+        """Sparsify with the given settings, or (neither given) the model's default, :attr:`sparsification`."""
         if threshold is None and topk is None:
-            threshold, topk = self.mapper.default_threshold(len(self.vocab)), self.config.mapper.topk
-        return out.sparsify(threshold, topk)
+            return self.sparsification(out)
+        return Sparsification(threshold, topk)(out)
 
     def top_words(self, x: LexicalOutput | torch.Tensor, k: int = 20) -> list[list[tuple[str, float]]]:
         """The k highest-weighted words of each vector (zero entries never listed)."""

@@ -54,10 +54,3 @@ class LexicalMapper(nn.Module):
         vectors = self.normalize(self.cap(act.amax(dim=1)))
         return vectors, (self.normalize(self.cap(act)) if return_patches else None)
 
-    def default_threshold(self, vocab_size: int) -> float | None:
-        t = self.cfg.threshold
-        if t is None:
-            return None
-        if t == "inv_sqrt_v":
-            return 1.0 / vocab_size**0.5
-        return float(t)

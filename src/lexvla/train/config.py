@@ -89,7 +89,7 @@ class ValidationSection:
     dataset: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     every: int = 0  # steps; 0 = only at the end (when a dataset is set)
-    sparsification: str = "threshold"  # lexvla.eval Sparsification: "threshold" = 1/sqrt(V) (paper)
+    sparsification: str = "threshold"  # a lexvla.Sparsification spelling: "threshold" = 1/sqrt(V) (paper)
     batch_size: int = 64
 
     def __post_init__(self) -> None:

@@ -100,9 +100,9 @@ def _resolve_resume(resume: str | bool | None, output_dir: Path) -> Path | None:
     return path
 
 
-def _sparsity(vectors: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Mean number of words above the inference threshold (the paper's 1/sqrt(V))."""
-    return (vectors.detach() > threshold).sum(-1).float().mean()
+def _sparsity(vectors: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """Mean number of words above the model's inference threshold (the paper's 1/sqrt(V)); none: all."""
+    return (vectors.detach() > (threshold or 0.0)).sum(-1).float().mean()
 
 
 def train(cfg: TrainConfig, resume: str | bool | None = None, model: Any = None) -> TrainResult:
@@ -133,7 +133,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, model: Any = None)
                                             cfg.loss.ramp_steps), cfg.loss.local_loss)
     model, optimizer = acc.prepare(model, optimizer)  # the scheduler is stepped by hand: once per step
     core = acc.unwrap_model(model)
-    threshold = 1.0 / math.sqrt(len(core.vocab))
+    threshold = core.sparsification.threshold_for(len(core.vocab))  # the model's inference threshold
     max_log_scale = math.log(cfg.optim.max_logit_scale)
 
     state = TrainerState(world_size=acc.num_processes)
