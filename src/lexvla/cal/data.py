@@ -39,29 +39,11 @@ class VLMExample:
 
 
 def read_manifest(path: str | Path) -> list[VLMExample]:
-    """JSONL with ``image`` (path, relative to the manifest's folder or absolute) and either ``question`` +
-    ``answer`` (VQA) or ``caption``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{n}: not valid JSON ({err})") from None
-        if "image" not in row or not ({"answer", "caption"} & set(row)):
-            raise ValueError(f"{path}:{n}: a record needs 'image' and 'answer' (+ 'question') or 'caption'")
-        image = Path(row["image"]).expanduser()
-        image = image if image.is_absolute() else path.parent / image
-        if "answer" in row:
-            if "question" not in row:
-                raise ValueError(f"{path}:{n}: an 'answer' record needs a 'question'")
-            out.append(VLMExample(str(image), str(row["answer"]), str(row["question"])))
-        else:
-            out.append(VLMExample(str(image), str(row["caption"])))
+    """A manifest in the project's format (``lexvla.data.records``): ``image`` and either ``question`` +
+    ``answer`` (VQA) or ``caption`` (one example per caption)."""
+    from lexvla.data.records import read_manifest as read_records
+
+    out = [VLMExample(str(r.image), r.caption, r.question) for r in read_records(path)]
     if not out:
         raise ValueError(f"manifest {path} has no records")
     return out

@@ -24,7 +24,7 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-root", help="folder that manifest/HF image paths are relative to")
     p.add_argument("--image-key", default="image", help="image field/column")
     p.add_argument("--caption-key", default="caption", help="caption field/column")
-    p.add_argument("--id-key", default=None, help="unique pair id field/column (default: numbered per image)")
+    p.add_argument("--id-key", default=None, help="unique id field/column (manifests: id; rows without one are numbered per image)")
 
 
 def source_from_args(args: argparse.Namespace) -> Any:
@@ -32,7 +32,7 @@ def source_from_args(args: argparse.Namespace) -> Any:
     from lexvla.data.sources import HFDatasetSource, ManifestSource, TarShardSource
 
     if args.manifest:
-        return ManifestSource(args.manifest, args.image_root, args.image_key, args.caption_key, args.id_key)
+        return ManifestSource(args.manifest, args.image_root, args.image_key, args.caption_key, args.id_key or "id")
     if args.shards:
         return TarShardSource(args.shards, rank=0, world_size=1)
     if args.hf:

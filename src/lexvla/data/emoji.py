@@ -610,12 +610,15 @@ def read_style(root: Path, style: str) -> list[tuple[EmojiImage, tuple[str, ...]
         raise AssetNotFoundError(f"emoji style '{style}' is not prepared ({path} is missing); run: lexvla data "
                                  f"fetch emoji --styles {style}")
     out = []
+    seen: set[str] = set()
     for rec in read_manifest(path):
-        if rec.id != f"{rec.image_id}#0" and rec.id != rec.image_id:
+        if rec.image_id in seen:
             continue  # one entry per image, not per caption
+        seen.add(rec.image_id)
         m = rec.meta
-        out.append((EmojiImage(rec.image_id, m["style"], m["code"], str(rec.key), m["name"], tuple(m["keywords"]),
-                               m["group"], m["subgroup"], Path(rec.image), path.parent / m["rgba"]), rec.split))
+        out.append((EmojiImage(f"{m['style']}/{m['code']}", m["style"], m["code"], str(rec.key), m["name"],
+                               tuple(m["keywords"]), m["group"], m["subgroup"], Path(rec.image),
+                               path.parent / m["rgba"]), rec.split))
     return out
 
 

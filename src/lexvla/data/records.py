@@ -12,8 +12,9 @@ Manifest format (``.jsonl``, UTF-8, one *image* per line; documented in docs/dat
 * ``image`` (required): a path, relative to the manifest's folder (or ``image_root``) unless absolute;
 * ``caption``: a string or a list of strings (``captions`` and ``text`` are read as the same field);
   one pair per caption. A VQA record has ``question`` + ``answer`` instead (the answer is its caption);
-* ``id``: a unique image id (default: the ``image`` value). Pair ids are ``<id>`` for a single caption,
-  ``<id>#<k>`` for the k-th of several;
+* ``id``: optional; pair ids are ``<id>`` for a single caption and ``<id>#<k>`` for the k-th of several.
+  Without it the captions of an image are numbered across rows: ``<image>#0``, ``<image>#1``, ... (so
+  COCO-style files with one row per caption work). ``PairRecord.image_id`` is the ``image`` value;
 * ``key``: what counts as a match in retrieval (a class, an emoji concept; default: the image itself);
 * ``split``: a split name or a list of them (a record belongs to every split listed);
 * every other field is kept in ``PairRecord.meta``.
@@ -22,6 +23,7 @@ Manifest format (``.jsonl``, UTF-8, one *image* per line; documented in docs/dat
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,43 +91,55 @@ def _captions(row: dict[str, Any], where: str) -> list[str]:
     if "answer" in row:
         if "question" not in row:
             raise ValueError(f"{where}: an 'answer' record needs a 'question'")
-        return [str(row["answer"])]
+        return [" ".join(str(row["answer"]).split())]
     name = next((f for f in CAPTION_FIELDS if f in row), None)
     if name is None:
         raise ValueError(f"{where}: a record needs a 'caption' (string or list), or 'question' + 'answer'; "
                          f"fields: {sorted(row)}")
     value = row[name]
-    caps = [value] if isinstance(value, str) else value
-    if not isinstance(caps, (list, tuple)) or not all(isinstance(c, str) for c in caps):
+    caps = [value] if isinstance(value, str) or value is None else value
+    if not isinstance(caps, (list, tuple)) or not all(c is None or isinstance(c, str) for c in caps):
         raise ValueError(f"{where}: '{name}' must be a string or a list of strings")
-    return [" ".join(c.split()) for c in caps]
+    return [" ".join((c or "").split()) for c in caps]
 
 
 def records_from_row(row: dict[str, Any], where: str, base: Path | None = None,
-                     keep_empty: bool = False) -> list[PairRecord]:
-    """The pairs of one manifest row (one per caption); ``where`` names the file and line in errors.
-
-    Empty captions are dropped unless ``keep_empty`` (a source that counts them as skips keeps them)."""
+                     numbering: Counter | None = None) -> list[PairRecord]:
+    """The pairs of one manifest row, one per caption, empty captions included (callers drop or count
+    them). ``where`` names the file and line in errors; ``numbering`` (shared by the rows of one file)
+    numbers the captions of images without an ``id``."""
     if not isinstance(row, dict):
         raise ValueError(f"{where}: a record must be a JSON object, got {type(row).__name__}")
     if "image" not in row:
-        raise ValueError(f"{where}: a record needs an 'image' field; fields: {sorted(row)}")
-    image = Path(str(row["image"])).expanduser()
+        raise ValueError(f"{where}: a record has no 'image' field (fields: {sorted(row)})")
+    image_id = str(row["image"])
+    image = Path(image_id).expanduser()
     if base is not None and not image.is_absolute():
         image = base / image
-    image_id = str(row.get("id", row["image"]))
     caps = _captions(row, where)
     split = _splits(row.get("split"), where)
     key = str(row["key"]) if row.get("key") is not None else None
     question = str(row["question"]) if "question" in row else None
     meta = {k: v for k, v in row.items() if k not in RESERVED}
+    numbering = numbering if numbering is not None else Counter()
     out = []
     for k, cap in enumerate(caps):
-        if not cap and not keep_empty:
-            continue
-        pid = image_id if len(caps) == 1 else f"{image_id}#{k}"
+        if row.get("id") is not None:
+            pid = str(row["id"]) if len(caps) == 1 else f"{row['id']}#{k}"
+        else:
+            pid = f"{image_id}#{numbering[image_id]}"
+            numbering[image_id] += 1
         out.append(PairRecord(pid, image_id, cap, str(image), key, question, split, meta))
     return out
+
+
+def check_unique(records: Iterable[PairRecord], where: str) -> None:
+    seen: set[str] = set()
+    for rec in records:
+        if rec.id in seen:
+            raise ValueError(f"{where}: pair id {rec.id!r} occurs twice; ids must be unique (leave 'id' "
+                             "unset to number captions per image)")
+        seen.add(rec.id)
 
 
 def iter_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
@@ -142,7 +156,8 @@ def iter_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
 def read_manifest(path: str | Path, image_root: str | Path | None = None, split: str | None = None,
                   keep_empty: bool = False) -> list[PairRecord]:
     """Every pair of a JSONL manifest (only those of ``split`` when given), images resolved against
-    ``image_root`` (default: the manifest's folder). Pair ids must be unique."""
+    ``image_root`` (default: the manifest's folder); empty captions dropped unless ``keep_empty``.
+    Pair ids must be unique."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
@@ -150,45 +165,36 @@ def read_manifest(path: str | Path, image_root: str | Path | None = None, split:
         raise ValueError(f"manifest {path}: expected a .jsonl file (one JSON object a line)")
     base = Path(image_root) if image_root is not None else path.parent
     out: list[PairRecord] = []
-    seen: dict[str, int] = {}
+    numbering: Counter = Counter()
     for n, row in iter_rows(path):
-        for rec in records_from_row(row, f"{path}:{n}", base, keep_empty):
-            if split is not None and split not in rec.split:
-                continue
-            if rec.id in seen:
-                raise ValueError(f"{path}:{n}: pair id {rec.id!r} already on line {seen[rec.id]}; "
-                                 "ids must be unique (give each image its own 'id')")
-            seen[rec.id] = n
-            out.append(rec)
+        for rec in records_from_row(row, f"{path}:{n}", base, numbering):
+            if (split is None or split in rec.split) and (rec.caption or keep_empty):
+                out.append(rec)
+    check_unique(out, str(path))
     return out
 
 
 def write_manifest(path: str | Path, rows: Sequence[dict[str, Any]] | Iterable[PairRecord]) -> Path:
-    """Write rows (dicts in the manifest format, or :class:`PairRecord` s, grouped back into one row per
-    image) atomically."""
+    """Write rows (dicts in the manifest format, or :class:`PairRecord` s: one row per pair, so that
+    reading it back gives the same pair ids) atomically."""
     lines: list[str] = []
-    grouped: dict[str, dict[str, Any]] = {}
     for r in rows:
         if isinstance(r, PairRecord):
-            row = grouped.get(r.image_id)
-            if row is None:
-                row = grouped[r.image_id] = {"id": r.image_id, "image": r.image, "caption": []}
-                if r.key is not None:
-                    row["key"] = r.key
-                if r.question is not None:
-                    row["question"] = r.question
-                if r.split:
-                    row["split"] = list(r.split)
-                row.update(r.meta)
-            row["caption"].append(r.caption)
+            if r.image is None:
+                raise ValueError(f"pair {r.id!r} has no image path; a manifest needs one")
+            row: dict[str, Any] = {"id": r.id, "image": r.image}
+            if r.question is not None:
+                row.update(question=r.question, answer=r.caption)
+            else:
+                row["caption"] = r.caption
+            if r.key is not None:
+                row["key"] = r.key
+            if r.split:
+                row["split"] = list(r.split)
+            row.update(r.meta)
         else:
             if "image" not in r:
                 raise ValueError(f"manifest row without 'image': {sorted(r)}")
-            lines.append(json.dumps(r, ensure_ascii=False))
-    for row in grouped.values():
-        if row.get("question") is not None:
-            row["answer"] = row.pop("caption")[0]
-        elif len(row["caption"]) == 1:
-            row["caption"] = row["caption"][0]
+            row = r
         lines.append(json.dumps(row, ensure_ascii=False))
     return atomic_write_text(Path(path), "".join(line + "\n" for line in lines))

@@ -34,7 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lexvla.data.records import PairRecord
+from lexvla.data.records import PairRecord, check_unique, iter_rows, records_from_row
 from lexvla.io import atomic_write_text
 from lexvla.preprocess import IMAGE_SUFFIXES, ImageLoadError
 from lexvla.preprocess import decode_image as _decode
@@ -271,47 +271,49 @@ def pair_or_skip(rec: PairRecord, stats: SkipStats, decode: Callable[[], Image.I
 class ManifestSource(_MapSourceBase):
     """Pairs listed in a JSONL, CSV or TSV manifest; image paths relative to ``image_root``.
 
-    Each row names an image (``image_key``) and a caption (``caption_key``; in JSONL it may be a list,
-    giving one pair per caption). ``id_key`` names a unique pair id column; without it pair ids are
-    ``<image>#<k>``. Rows with empty captions are skipped (counted) when the manifest is read; unreadable
-    or missing images when requested.
+    The project's manifest format (``lexvla.data.records``, docs/data.md), with configurable column
+    names: each row names an image (``image_key``) and a caption (``caption_key``; in JSONL it may be a
+    list, giving one pair per caption). ``id_key`` names the optional id column; rows without an id get
+    pair ids ``<image>#<k>``. Rows with empty captions are skipped (counted) when the manifest is read;
+    unreadable or missing images when requested.
     """
 
     def __init__(self, manifest: str | Path, image_root: str | Path | None = None, image_key: str = "image",
-                 caption_key: str = "caption", id_key: str | None = None, log_dir: str | None = None) -> None:
+                 caption_key: str = "caption", id_key: str | None = "id", log_dir: str | None = None) -> None:
         self.manifest = Path(manifest)
         if not self.manifest.is_file():
             raise FileNotFoundError(f"manifest {self.manifest} does not exist")
         self.image_root = Path(image_root) if image_root is not None else self.manifest.parent
         self.stats = SkipStats(source=f"manifest:{self.manifest.name}", log_dir=log_dir)
-        rows = self._read_rows()
-        for n, row in enumerate(rows, start=1):
-            if image_key not in row or (id_key is not None and id_key not in row):
-                missing = image_key if image_key not in row else id_key
-                raise ValueError(f"{self.manifest} row {n} has no {missing!r} field (fields: {sorted(row)})")
-        self._records = self._expand(
-            ((str(r[id_key]) if id_key else None, str(r[image_key]), r.get(caption_key),
-              str(self.image_root / str(r[image_key]))) for r in rows),
-            str(self.manifest),
-        )
+        numbering: Counter = Counter()
+        records: list[PairRecord] = []
+        for n, row in self._read_rows():
+            where = f"{self.manifest}:{n}"
+            if image_key not in row:
+                raise ValueError(f"{self.manifest} row {n} has no {image_key!r} field (fields: {sorted(row)})")
+            # the configured column names -> the manifest format's (lexvla.data.records)
+            std = {k: v for k, v in row.items() if k not in (image_key, caption_key, id_key, "id")}
+            std["image"], std["caption"] = row[image_key], row.get(caption_key)
+            if id_key is not None and row.get(id_key) not in (None, ""):
+                std["id"] = row[id_key]
+            for rec in records_from_row(std, where, self.image_root, numbering):
+                self.stats.seen += 1
+                if not rec.caption:
+                    self.stats.skip(rec.id, EMPTY_CAPTION, f"in {where}")
+                else:
+                    records.append(rec)
+        check_unique(records, str(self.manifest))
+        self._records = records
         logger.info("%s: %d pairs (%d skipped while reading)", self.manifest, len(self._records), self.stats.skipped)
 
-    def _read_rows(self) -> list[dict[str, Any]]:
+    def _read_rows(self) -> Iterable[tuple[int, dict[str, Any]]]:
         suffix = self.manifest.suffix.lower()
         if suffix in (".jsonl", ".json"):
-            rows = []
-            with self.manifest.open(encoding="utf-8") as f:
-                for n, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{self.manifest} line {n} is not valid JSON: {err}") from err
-            return rows
+            return iter_rows(self.manifest)
         if suffix in (".csv", ".tsv"):
             with self.manifest.open(encoding="utf-8", newline="") as f:
-                return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+                rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+            return enumerate(rows, start=2)  # line 1 is the header
         raise ValueError(f"manifest {self.manifest}: unknown format {suffix!r} (use .jsonl, .csv or .tsv)")
 
     def __getitem__(self, index: int) -> Pair | Skipped:

@@ -249,57 +249,55 @@ def check_coco_split(image_ids: list, caption_ids: list[list[int]], reference: P
 
 @register_retrieval_dataset("manifest")
 def manifest(config: RetrievalDataConfig) -> RetrievalSet:
-    """A JSONL or CSV file of image-caption rows.
+    """A manifest in the project's format (``lexvla.data.records``: JSONL rows with ``image``, ``caption``
+    string or list, optional ``key`` and ``split``), or a CSV with ``image`` and ``caption`` columns.
 
-    JSONL: one object per line with ``image`` and ``caption`` (a string) or ``captions`` (a list).
-    CSV: a header with ``image`` and ``caption`` columns. Optional ``key`` field/column: rows with the
-    same key match each other (e.g. a class label); default key = the image path, so an image's
-    captions are its positives. Relative image paths are resolved against ``root`` or the file's folder.
+    Rows with the same ``key`` match each other (e.g. a class label); default key = the image, so an
+    image's captions are its positives. Relative image paths are resolved against ``root`` or the file's
+    folder. When rows carry ``split`` names, only those of ``--split`` are used.
     """
+    from ..data.records import read_manifest, records_from_row
+
     if config.annotations is None:
         raise ValueError("the manifest dataset needs --annotations <file.jsonl|file.csv>")
     path = config.annotations
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
-    rows: list[dict] = []
+    base = config.root or path.parent
     if path.suffix.lower() == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
                 raise ValueError(f"{path}: CSV needs 'image' and 'caption' columns, has {reader.fieldnames}")
-            rows = list(reader)
+            records = [r for n, row in enumerate(reader, 2) for r in records_from_row(row, f"{path}:{n}", base)]
     else:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-    base = config.root or path.parent
+        records = read_manifest(path, base)
+    if any(r.split for r in records):
+        records = [r for r in records if config.split in r.split]
     images: dict[str, int] = {}
     paths: list[Path] = []
     image_group: list[str] = []
     texts: list[str] = []
     text_group: list[str] = []
-    for n, row in enumerate(rows, 1):
-        if "image" not in row:
-            raise ValueError(f"{path}: row {n} has no 'image' field")
-        caps = row.get("captions", row.get("caption"))
-        caps = [caps] if isinstance(caps, str) else list(caps or [])
-        if not caps:
-            raise ValueError(f"{path}: row {n} has no caption")
-        img = Path(row["image"]).expanduser()
-        img = img if img.is_absolute() else base / img
-        group = str(row.get("key") or img)
+    per_image: dict[str, int] = {}
+    for rec in records:
+        if not rec.caption:
+            continue
+        img = Path(str(rec.image))
+        group = rec.key or str(img)
         if str(img) not in images:
             if config.limit is not None and len(images) >= config.limit:
                 continue
             images[str(img)] = len(paths)
             paths.append(img)
             image_group.append(group)
-        texts += [clean_caption(c, config.lowercase) for c in caps[: config.captions_per_image or None]]
-        text_group += [group] * len(caps[: config.captions_per_image or None])
+        if config.captions_per_image and per_image.get(str(img), 0) >= config.captions_per_image:
+            continue
+        per_image[str(img)] = per_image.get(str(img), 0) + 1
+        texts.append(clean_caption(rec.caption, config.lowercase))
+        text_group.append(group)
+    if not paths:
+        raise ValueError(f"{path}: no image with a caption" + (f" in split {config.split!r}" if records else ""))
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{path}: {len(missing)} images are missing, e.g. {missing[:3]}")
@@ -309,7 +307,7 @@ def manifest(config: RetrievalDataConfig) -> RetrievalSet:
         "captions_per_image": config.captions_per_image,
         "lowercase": config.lowercase,
         "whitespace": "collapsed",
-        "match": "same key" if any("key" in r for r in rows) else "same image",
+        "match": "same key" if any(r.key is not None for r in records) else "same image",
         "limit": config.limit,
     }
     return RetrievalSet(

@@ -95,8 +95,9 @@ def collect_images(images: str | Path | Sequence[str | Path], root: str | Path |
     """Images to index from a folder (recursive; ids = relative paths), a manifest or a list of paths.
 
     ``root``: the index's recorded images folder; a folder elsewhere gets ids prefixed with its name.
-    Manifests: ``.txt`` with one path per line, or ``.jsonl`` with ``{"path": ..., "id": ...(optional),
-    ...metadata}`` per line; relative paths are relative to the manifest's folder.
+    Manifests: ``.txt`` with one path per line, or ``.jsonl``: the pairs manifest of docs/data.md
+    (``{"image": ..., "id": ...(optional), ...}``; legacy ``"path"`` too) per line; relative paths are
+    relative to the manifest's folder.
     """
     if isinstance(images, (str, Path)):
         src = Path(images).expanduser()
@@ -110,13 +111,17 @@ def collect_images(images: str | Path | Sequence[str | Path], root: str | Path |
             return [ImageItem(src.name, src.resolve())]
         base = src.parent
         if src.suffix.lower() == ".jsonl":
-            items = []
+            items, seen = [], set()
             for row in _read_jsonl(src):
-                if "path" not in row:
-                    raise ValueError(f"{src}: every line needs a 'path' field, got {sorted(row)}")
-                p = Path(row["path"])
-                meta = {k: v for k, v in row.items() if k not in ("path", "id")}
-                items.append(ImageItem(str(row.get("id", row["path"])), (base / p).resolve(), meta))
+                field_ = "image" if "image" in row else "path"  # 'image': the pairs manifest (docs/data.md)
+                if field_ not in row:
+                    raise ValueError(f"{src}: every line needs an 'image' (or 'path') field, got {sorted(row)}")
+                item_id = str(row.get("id", row[field_]))
+                if field_ == "image" and item_id in seen:
+                    continue  # a pairs manifest may list an image once per caption
+                seen.add(item_id)
+                meta = {k: v for k, v in row.items() if k not in (field_, "id", "caption", "captions", "text")}
+                items.append(ImageItem(item_id, (base / Path(row[field_])).resolve(), meta))
             return _unique(items, src)
         lines = [ln.strip() for ln in src.read_text(encoding="utf-8").splitlines()]
         return _unique([ImageItem(ln, (base / ln).resolve()) for ln in lines if ln and not ln.startswith("#")], src)
@@ -124,15 +129,22 @@ def collect_images(images: str | Path | Sequence[str | Path], root: str | Path |
 
 
 def read_captions(captions: str | Path | Sequence[str]) -> list[CaptionItem]:
-    """Captions from a ``.txt`` (one a line; ids ``<file stem>:<line>``), a ``.jsonl`` (``{"text": ...,
-    "id": ...(optional), ...metadata}``) or a list of strings (ids ``caption:<i>``)."""
+    """Captions from a ``.txt`` (one a line; ids ``<file stem>:<line>``), a ``.jsonl`` (a pairs manifest,
+    docs/data.md: its pairs with their pair ids; or ``{"text": ..., "id": ...(optional), ...}`` lines) or a
+    list of strings (ids ``caption:<i>``)."""
     if isinstance(captions, (str, Path)):
         src = Path(captions).expanduser()
         if not src.is_file():
             raise FileNotFoundError(f"--captions {src}: no such file")
         if src.suffix.lower() == ".jsonl":
+            rows = _read_jsonl(src)
+            if rows and "image" in rows[0]:  # a pairs manifest (lexvla.data.records): one item per pair
+                from ..data.records import read_manifest
+
+                return _unique([CaptionItem(r.id, r.caption, {"image": r.image_id, **r.meta})
+                                for r in read_manifest(src)], src)
             items = []
-            for n, row in enumerate(_read_jsonl(src)):
+            for n, row in enumerate(rows):
                 text = row.get("text", row.get("caption"))
                 if not isinstance(text, str) or not text.strip():
                     raise ValueError(f"{src}: line {n + 1} needs a non-empty 'text' (or 'caption') field")
