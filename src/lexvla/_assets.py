@@ -86,18 +86,41 @@ def resolve_local_or_hub(source: str, what: str, hint: str) -> str:
     the user can provide instead.
     """
     if Path(source).expanduser().exists():
-        return str(Path(source).expanduser())
+        return refuse_remote_code(str(Path(source).expanduser()))
     if "/" in source and not source.startswith((".", "/")):
         try:
             from huggingface_hub import snapshot_download
 
-            return snapshot_download(source, local_files_only=True)
+            found = snapshot_download(source, local_files_only=True)
         except Exception as err:  # noqa: BLE001 - any hub failure means "not available offline"
             raise AssetNotFoundError(
                 f"{what} '{source}' is not available offline: it is neither a local path nor in the "
                 f"Hugging Face cache ({type(err).__name__}). {hint}"
             ) from None
+        return refuse_remote_code(found)
     raise AssetNotFoundError(f"{what} '{source}' does not exist. {hint}")
+
+
+_CODE_CONFIGS = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
+
+
+def refuse_remote_code(folder: str) -> str:
+    """``folder``, unless it asks transformers to run its own Python (``auto_map``): such a checkpoint is
+    refused with one clear error (every load also passes ``trust_remote_code=False``)."""
+    import json
+
+    for name in _CODE_CONFIGS:
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not readable JSON ({err})") from None
+        if isinstance(data, dict) and "auto_map" in data:
+            raise ValueError(f"{path}: this checkpoint names its own Python code (auto_map); lexvla never runs "
+                             "code from a checkpoint (trust_remote_code=False). Use a standard architecture.")
+    return folder
 
 
 def check_arch(what: str, source: str, arch: dict, loaded: object) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,54 @@ from .vocab import VocabularyFilter
 
 ACTIVATIONS = ("elu1", "log1p_relu")
 CENTERINGS = ("standardize", "center", "none")
+
+# Sanity limits checked before anything is allocated (a config file may come from anywhere): far above
+# any real model, far below what would exhaust memory building one.
+MAX_IMAGE_SIZE, MAX_GRID, MAX_WIDTH, MAX_LAYERS, MAX_TEXT_LENGTH = 4096, 256, 32768, 256, 8192
+_ARCH_LIMITS = {"hidden_size": MAX_WIDTH, "intermediate_size": 4 * MAX_WIDTH, "num_hidden_layers": MAX_LAYERS,
+                "num_attention_heads": 1024, "num_key_value_heads": 1024, "image_size": MAX_IMAGE_SIZE,
+                "patch_size": MAX_IMAGE_SIZE, "num_channels": 16, "max_position_embeddings": 1 << 20,
+                "vocab_size": 1 << 22, "head_dim": 4096}
+
+
+def _check_int(what: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def _check_arch(what: str, arch: dict[str, Any]) -> None:
+    if not isinstance(arch, dict):
+        raise ValueError(f"{what} must be a mapping of architecture fields, got {type(arch).__name__}")
+    for key, high in _ARCH_LIMITS.items():
+        if key in arch:
+            _check_int(f"{what}.{key}", arch[key], 1, high)
+
+
+def check_prompt(prompt: str) -> None:
+    """A prompt is a literal template with exactly one plain ``{caption}`` field (no format spec, no
+    conversion, no attribute or index access), so rendering it cannot run code or allocate wildly."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"text prompt must be a string, got {type(prompt).__name__}")
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(prompt) if f is not None]
+    except ValueError as err:
+        raise ValueError(f"text prompt {prompt!r} is not a valid template: {err}") from None
+    if fields != [("caption", "", None)]:
+        raise ValueError(f"text prompt must contain exactly one plain '{{caption}}' field and no other braces "
+                         f"(write '{{{{' for a literal brace), got {prompt!r}")
+    if len(prompt) > MAX_TEXT_LENGTH:
+        raise ValueError(f"text prompt has {len(prompt)} characters; the limit is {MAX_TEXT_LENGTH}")
+
+
+def _sections(cls: type, value: Any, where: str) -> Any:
+    """A nested section from a dict, refusing unknown keys with their dotted names (one clear line)."""
+    if not isinstance(value, dict):
+        return value
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"unknown config keys {[f'{where}.{k}' for k in unknown]}; {where} has {sorted(known)}")
+    return cls(**value)
 
 
 @dataclass
@@ -34,10 +83,10 @@ class BackboneConfig:
 
     def __post_init__(self) -> None:
         self.taps = tuple(int(t) for t in self.taps)
-        if self.image_size <= 0:
-            raise ValueError("image_size must be positive")
-        if self.grid is not None and self.grid <= 0:
-            raise ValueError("grid must be positive or None")
+        _check_int("backbone.image_size", self.image_size, 1, MAX_IMAGE_SIZE)
+        if self.grid is not None:
+            _check_int("backbone.grid", self.grid, 1, MAX_GRID)
+        _check_arch("backbone.arch", self.arch)
 
 
 @dataclass
@@ -50,6 +99,10 @@ class AdapterConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        _check_int("adapter.width", self.width, 1, MAX_WIDTH)
+        _check_int("adapter.heads", self.heads, 1, 1024)
+        if not 0 < self.mlp_ratio <= 16:
+            raise ValueError(f"adapter.mlp_ratio must be in (0, 16], got {self.mlp_ratio!r}")
         if self.width % self.heads:
             raise ValueError(f"adapter width {self.width} must be divisible by heads {self.heads}")
 
@@ -90,10 +143,10 @@ class TextConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if "{caption}" not in self.prompt:
-            raise ValueError("text prompt must contain '{caption}'")
-        if isinstance(self.lora, dict):
-            self.lora = LoraSettings(**self.lora)
+        check_prompt(self.prompt)
+        _check_int("text.max_length", self.max_length, 1, MAX_TEXT_LENGTH)
+        _check_arch("text.arch", self.arch)
+        self.lora = _sections(LoraSettings, self.lora, "text.lora")
 
 
 @dataclass
@@ -142,9 +195,7 @@ class LexVLAConfig:
     def __post_init__(self) -> None:
         for name, cls in (("backbone", BackboneConfig), ("adapter", AdapterConfig), ("text", TextConfig),
                           ("mapper", MapperConfig), ("vocab", VocabularyFilter)):
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                setattr(self, name, cls(**value))
+            setattr(self, name, _sections(cls, getattr(self, name), name))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -162,7 +213,17 @@ class LexVLAConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> LexVLAConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a config file; every problem is one ValueError naming the file."""
+        try:
+            data = json.loads(Path(path).read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not a readable JSON config ({err})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a config must be a JSON object, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None
 
     def replace(self, **overrides: Any) -> LexVLAConfig:
         """Copy with dotted overrides, e.g. ``replace(**{"backbone.grid": 4, "init_temperature": 0.05})``."""

@@ -68,14 +68,31 @@ class BuildReport:
         return len(self.skipped)
 
 
+def _read_lines(path: Path) -> list[str]:
+    """A text file's lines; invalid UTF-8 is one error naming the file and line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(_read_lines(path), start=1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: each line must be a JSON object, got {type(row).__name__}")
+            try:  # a lone surrogate ("\ud800") parses but can be neither tokenized nor saved
+                json.dumps(row, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{path}:{n}: contains a lone surrogate escape (not valid Unicode text)") from None
+            rows.append(row)
     return rows
 
 
@@ -123,7 +140,7 @@ def collect_images(images: str | Path | Sequence[str | Path], root: str | Path |
                 meta = {k: v for k, v in row.items() if k not in (field_, "id", "caption", "captions", "text")}
                 items.append(ImageItem(item_id, (base / Path(row[field_])).resolve(), meta))
             return _unique(items, src)
-        lines = [ln.strip() for ln in src.read_text(encoding="utf-8").splitlines()]
+        lines = [ln.strip() for ln in _read_lines(src)]
         return _unique([ImageItem(ln, (base / ln).resolve()) for ln in lines if ln and not ln.startswith("#")], src)
     return _unique([ImageItem(str(p), Path(p).expanduser().resolve()) for p in images], "the image list")
 
@@ -151,7 +168,7 @@ def read_captions(captions: str | Path | Sequence[str]) -> list[CaptionItem]:
                 meta = {k: v for k, v in row.items() if k not in ("text", "caption", "id")}
                 items.append(CaptionItem(str(row.get("id", f"{src.stem}:{n + 1}")), text, meta))
             return _unique(items, src)
-        lines = src.read_text(encoding="utf-8").splitlines()
+        lines = _read_lines(src)
         return [CaptionItem(f"{src.stem}:{n}", ln.strip()) for n, ln in enumerate(lines, start=1) if ln.strip()]
     return [CaptionItem(f"caption:{i}", str(t)) for i, t in enumerate(captions)]
 

@@ -38,8 +38,8 @@ LLM_ARCHS: dict[str, dict] = {
 def _load_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, trust_remote_code=False)
     return model, tokenizer
 
 
@@ -57,8 +57,8 @@ def _embedded_smollm2(dtype: torch.dtype):
         with atomic_dir(folder) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    return model, AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
+    return model, AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 
 
 def load_tokenizer(source: str):
@@ -67,18 +67,18 @@ def load_tokenizer(source: str):
     if source == "embedded:smollm2":
         folder = cache_dir("llm") / "smollm2-135m-instruct"
         if (folder / "tokenizer.json").is_file():
-            return AutoTokenizer.from_pretrained(folder)
+            return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         folder = cache_dir("llm") / "smollm2-tokenizer"  # tokenizer alone: 5 s instead of 20 s
         if not (folder / "tokenizer.json").is_file():
             gguf = smollm2_gguf()
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
             with atomic_dir(folder) as tmp:
                 tok.save_pretrained(tmp)
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     if source.endswith(".gguf"):
         path = Path(source).expanduser()
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(resolve_local_or_hub(source, "tokenizer", LLM_HINT))
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+    return AutoTokenizer.from_pretrained(resolve_local_or_hub(source, "tokenizer", LLM_HINT), trust_remote_code=False)
 
 
 def load_causal_lm(source: str, dtype: torch.dtype | str = torch.float32, tokenizer: str = "embedded:smollm2",
@@ -111,10 +111,10 @@ def _load_causal_lm(source: str, dtype: torch.dtype, tokenizer: str, arch: dict)
             torch.manual_seed(0)
             return LlamaForCausalLM(cfg).to(dtype), tok
     folder = resolve_local_or_hub(source, "LLM", LLM_HINT)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
     from transformers import AutoTokenizer
 
-    return model, AutoTokenizer.from_pretrained(folder)
+    return model, AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 
 
 class _StopForward(Exception):

@@ -73,7 +73,11 @@ def load(path: str | Path) -> LexVLA:
     if (path / DENSE_FILE).is_file():
         return DenseBaseline.load(path)
     model = LexVLA(LexVLAConfig.load(path / CONFIG_FILE), vocab=Vocabulary.load(path / VOCAB_FILE))
-    model.load_trained(load_file(path / WEIGHTS_FILE))
+    try:
+        state = load_file(path / WEIGHTS_FILE)
+    except Exception as err:  # noqa: BLE001 - SafetensorError and friends: a damaged or foreign file
+        raise ValueError(f"{path / WEIGHTS_FILE}: not a readable safetensors file ({err})") from None
+    model.load_trained(state)
     return model.eval()
 
 

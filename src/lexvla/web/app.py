@@ -7,6 +7,8 @@ path tricks and nothing from the URL is ever joined to a file path.
 
 from __future__ import annotations
 
+import logging
+import re
 from importlib import resources
 
 from fastapi import FastAPI, File, Query, Request, UploadFile
@@ -15,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from ..index.store import CorruptIndexError
 from .service import NotFound, SearchResult, SearchService, UploadError, decode_upload
 
 API = "/api"
@@ -117,6 +120,17 @@ def _ww(pairs) -> list[WordWeight]:
 PAGE_CSP = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 
 
+logger = logging.getLogger(__name__)
+
+_ABS_PATH = re.compile(r"(?<![\w:/.])/(?:[^\s'\":,()/]+/)*([^\s'\":,()/]+)")
+
+
+def public_message(exc: BaseException) -> str:
+    """An error's text for a client: absolute file paths cut to their last part (docs/web.md: the
+    server's folders are never disclosed; items are named by id)."""
+    return _ABS_PATH.sub(lambda m: m.group(1), str(exc))
+
+
 def create_app(service: SearchService, allowed_hosts: list[str] | None = None) -> FastAPI:
     """The web app over a :class:`SearchService`.
 
@@ -132,15 +146,20 @@ def create_app(service: SearchService, allowed_hosts: list[str] | None = None) -
 
     @app.exception_handler(NotFound)
     async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=404)
+        return JSONResponse({"detail": public_message(exc)}, status_code=404)
 
     @app.exception_handler(UploadError)
     async def _bad_upload(request: Request, exc: UploadError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        return JSONResponse({"detail": public_message(exc)}, status_code=exc.status)
+
+    @app.exception_handler(CorruptIndexError)
+    async def _damaged(request: Request, exc: CorruptIndexError) -> JSONResponse:
+        logger.error("%s", exc)  # the full path goes to the server log, not to the client
+        return JSONResponse({"detail": public_message(exc)}, status_code=500)
 
     @app.exception_handler(ValueError)
     async def _bad_value(request: Request, exc: ValueError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+        return JSONResponse({"detail": public_message(exc)}, status_code=422)
 
     @app.middleware("http")
     async def _limit_body(request: Request, call_next):
