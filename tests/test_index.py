@@ -333,3 +333,16 @@ def test_bad_inputs_name_the_problem(tmp_path, vocab):
     with pytest.raises(ValueError, match="no option"):
         SparseIndex.open(tmp_path, backend="seismic", backend_options={"bogus": 1}).backend()
     assert index.search_vectors(np.ones((1, V), dtype=np.float32)) == [[]]  # empty collection
+
+
+def test_exact_in_place_kernel_matches_copying_the_postings(built, collection, monkeypatch):
+    """The zero-copy accumulation over the memory-mapped postings equals the public-API path."""
+    from lexvla.index.backends import exact
+
+    _, queries = collection
+    with SparseIndex.open(built) as index:
+        fast = index.search_vectors(queries, k=K)
+        monkeypatch.setattr(exact, "_csc_matvec", None)
+        slow = index.search_vectors(queries, k=K)
+    assert [[h.row for h in r] for r in fast] == [[h.row for h in r] for r in slow]
+    assert [[h.score for h in r] for r in fast] == [[h.score for h in r] for r in slow]

@@ -25,6 +25,7 @@ from lexvla.index.core import (
 )
 from lexvla.index.explain import Explanation, Hit, WordContribution
 from lexvla.index.store import VectorStore
+from lexvla.sparsification import Sparsification
 
 __all__ = [
     "BACKENDS", "COLLECTIONS", "BuildReport", "Candidates", "Explanation", "Hit", "IndexInfo", "ModelMismatchError",

@@ -94,31 +94,27 @@ def explain_pair(q_idx: np.ndarray, q_val: np.ndarray, d_idx: np.ndarray, d_val:
 
 def explain_rows(query: sp.csr_matrix, docs: sp.csr_matrix, words: Sequence[str], top: int | None = None
                  ) -> list[Explanation]:
-    """Explanations of one query (1 x V CSR) against every row of ``docs``, in one vectorised pass.
+    """Explanations of one query (1 x V CSR) against every row of ``docs`` (same result as
+    :func:`explain_pair` row by row, without its per-pair set operations).
 
     ``top``: build only the ``top`` largest contributions of each row (the score and the count of shared
-    words still cover all of them). Same result as :func:`explain_pair` row by row.
+    words still cover all of them).
     """
-    q = sp.csr_matrix(query, dtype=np.float64)
-    d = sp.csr_matrix(docs, dtype=np.float64)
-    d.sort_indices()
-    prod = d.multiply(q).tocsr()  # shared words only: query weight x document weight
-    prod.eliminate_zeros()
-    prod.sort_indices()
-    qdense = np.zeros(q.shape[1], dtype=np.float64)
-    qdense[q.indices] = q.data
+    qdense = np.zeros(query.shape[1], dtype=np.float64)
+    qdense[query.indices] = query.data
     out = []
-    for r in range(prod.shape[0]):
-        s, e = prod.indptr[r], prod.indptr[r + 1]
-        dims, contrib = prod.indices[s:e], prod.data[s:e]
-        n = len(dims)
-        total = float(np.sum(contrib, dtype=np.float64))
+    for r in range(docs.shape[0]):
+        s, e = docs.indptr[r], docs.indptr[r + 1]
+        d_idx = np.asarray(docs.indices[s:e])
+        qw = qdense[d_idx]
+        shared = qw != 0
+        dims, qw = d_idx[shared], qw[shared]
+        dw = np.asarray(docs.data[s:e])[shared].astype(np.float64)
+        contrib = qw * dw
         order = np.lexsort((dims, -contrib))[:top]  # largest first; ties by dimension, as explain_pair
-        dims_k = dims[order]
-        ds, de = d.indptr[r], d.indptr[r + 1]
-        dw = d.data[ds:de][np.searchsorted(d.indices[ds:de], dims_k)]
         out.append(Explanation([
-            WordContribution(words[dim], dim, float(qdense[dim]), float(w), float(c))
-            for dim, w, c in zip(dims_k.tolist(), dw.tolist(), contrib[order].tolist())
-        ], score=total, n_shared=n))
+            WordContribution(words[dim], dim, a, b, c)
+            for dim, a, b, c in zip(dims[order].tolist(), qw[order].tolist(), dw[order].tolist(),
+                                    contrib[order].tolist())
+        ], score=float(np.sum(contrib, dtype=np.float64)), n_shared=len(dims)))
     return out

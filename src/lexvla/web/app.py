@@ -99,7 +99,7 @@ def _url(path: str, **params: str) -> str:
 def _hit_out(hit, n_words: int, caption: bool = False) -> HitOut:
     words = [Contribution(word=w.word, query_weight=w.query_weight, doc_weight=w.doc_weight,
                           contribution=w.contribution) for w in hit.explanation.top(n_words)]
-    return HitOut(rank=hit.rank, id=hit.id, score=hit.score, words=words, n_shared_words=len(hit.explanation.words),
+    return HitOut(rank=hit.rank, id=hit.id, score=hit.score, words=words, n_shared_words=hit.explanation.n_shared,
                   text=hit.metadata.get("text") if caption else None,
                   image_url=None if caption else _url("image", id=hit.id))
 

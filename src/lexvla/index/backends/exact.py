@@ -1,12 +1,11 @@
 """``exact``: exact top-k over the memory-mapped transposed store (postings).
 
-Where a query's time goes (measured in docs/search.md): gathering the postings of its words (a copy
-of those rows of the V x N postings matrix), accumulating ``query weight x document weight`` into a
-dense score vector of N floats (one scatter pass), and the top-k of that vector (one read to find the
-k-th largest value via block maxima, one to collect the rows at or above it). This reads each
-touched posting about twice; scipy's sparse x sparse product, used before, made two passes over
-them and then built a CSR result of about N entries per query. Queries run on a small thread pool
-(scipy's kernels release the GIL).
+Per query (measured in docs/search.md): accumulate ``query weight x document weight`` over the
+posting lists of its words into a dense vector of N scores, reading each posting once, in place in
+the memory-mapped file (no copy), then take the top-k of that vector (one read to find the k-th
+largest value via block maxima, one to collect the rows at or above it). scipy's sparse x sparse
+product, used before, made two passes over the postings and built a CSR result of about N entries
+per query. Queries run on a small thread pool (scipy's kernels release the GIL).
 """
 
 from __future__ import annotations
@@ -34,6 +33,11 @@ from lexvla.index.backends.base import (
 from lexvla.index.store import CorruptIndexError, VectorStore, atomic_save_npy, atomic_write_text, file_sha256
 
 logger = logging.getLogger(__name__)
+
+try:  # scipy's compiled CSC mat-vec (releases the GIL); private, so fall back to public indexing without it
+    from scipy.sparse._sparsetools import csc_matvec as _csc_matvec
+except ImportError:  # pragma: no cover - depends on the scipy build
+    _csc_matvec = None
 
 
 @dataclass
@@ -122,17 +126,35 @@ class ExactBackend(SearchBackend):
                 m.madvise(mmap.MADV_WILLNEED)
         return sp.csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]), shape=(dim, rows), copy=False)
 
+    def _scores(self, indices: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Dense scores of one query against every row: sum over its words of weight x posting list."""
+        p = self._postings
+        assert p is not None
+        if _csc_matvec is None:  # no scipy kernel to call directly: copy the query's posting lists first
+            return np.asarray(p[indices].T @ weights, dtype=np.float32)
+        # Zero-copy: run scipy's CSC mat-vec kernel over the posting lists in place. Words go in
+        # descending order with a zero-weight column between two lists, so every in-between column is an
+        # empty (end < start) range the kernel skips: only the query's postings are read.
+        t = indices[::-1]
+        starts = np.empty(2 * len(t), dtype=p.indices.dtype)
+        starts[0::2] = p.indptr[t]
+        starts[1::2] = p.indptr[t + 1]
+        x = np.zeros(2 * len(t) - 1, dtype=np.float32)
+        x[0::2] = weights[::-1]
+        y = np.zeros(p.shape[1], dtype=np.float32)
+        _csc_matvec(p.shape[1], len(x), starts, p.indices, p.data, x, y)
+        return y
+
     def _one(self, indices: np.ndarray, weights: np.ndarray, k: int) -> Candidates:
         if len(indices) == 0:
             return Candidates.empty()
-        assert self._postings is not None
-        sub = self._postings[indices]  # (T, N): the postings of the query's words, copied once
-        scores = np.asarray(sub.T @ weights, dtype=np.float32)  # one scatter pass into N floats
+        scores = self._scores(indices, weights)
         if self._dead is not None:
             scores[self._dead] = -np.inf
         found = dense_topk(scores, k)
         if len(found.rows) < k:  # fewer positive scores than k: rank every reached row, as a sparse product would
-            reached = np.unique(sub.indices)
+            assert self._postings is not None
+            reached = np.unique(self._postings[indices].indices)
             if self._dead is not None:
                 reached = reached[np.isfinite(scores[reached])]
             found = topk_rows(reached, scores[reached], k)
