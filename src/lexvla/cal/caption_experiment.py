@@ -263,6 +263,16 @@ def run_caption_experiment(config: CaptionExperimentConfig, output_dir: str | Pa
     backbone = create_backbone(vlm_cfg.backbone)
     results: dict[str, Any] = {"config": dataclasses.asdict(config), "runs": [], "seeds": {}}
     results_file = out / "results.json"
+    if results_file.is_file():  # seeds run by an earlier call with the same settings are kept (run seeds apart)
+        old = json.loads(results_file.read_text())
+        same = {k: v for k, v in old["config"].items() if k != "seeds"} == \
+            {k: v for k, v in json.loads(json.dumps(results["config"])).items() if k != "seeds"}
+        if same:
+            results["runs"] = [r for r in old["runs"] if r["seed"] not in config.seeds]
+            results["seeds"] = {k: v for k, v in old["seeds"].items() if int(k) not in config.seeds}
+            results["earlier_seconds"] = old.get("total_seconds", 0.0) + old.get("earlier_seconds", 0.0)
+        else:
+            logger.warning("%s holds results of other settings: starting a new results file", results_file)
     for seed in config.seeds:
         concepts = select_concepts(all_concepts, config.n_concepts, seed=seed, keywords=config.keywords)
         train_views = materialise_views(concepts, config.train_views, out / "images", seed=10 * seed + 1,
@@ -287,6 +297,7 @@ def run_caption_experiment(config: CaptionExperimentConfig, output_dir: str | Pa
         results["seeds"][str(seed)] = {"concepts": names, "train_captions": len(train), "heldout_captions": len(heldout),
                                        "heldout_noisy": sum(c.noisy for c in heldout),
                                        "feature_seconds": time.time() - t0}
+        t_seed = time.time()
         for rate in config.noise_rates:
             noisy = inject_caption_noise(train, rate, concepts, seed=seed, slots_replaced=config.slots_replaced,
                                          keywords=config.keywords)
@@ -313,6 +324,7 @@ def run_caption_experiment(config: CaptionExperimentConfig, output_dir: str | Pa
                 logger.info("seed %d noise %.1f cal=%s: top1 %.3f, finder caption AUC %.3f (CE %.3f), %.0fs + %.0fs",
                             seed, rate, cal, ret["likelihood_top1"], fnd["caption_auc"][fnd["finder"]],
                             fnd["caption_auc"]["ce"], res.seconds, eval_seconds)
+                results["seeds"][str(seed)]["seconds"] = time.time() - t_seed
                 results["total_seconds"] = time.time() - t_start
                 results_file.write_text(json.dumps(results, indent=1))
                 del model
@@ -382,7 +394,9 @@ def write_caption_report(results: dict[str, Any], out: Path) -> None:
     for name in names:
         wa = [r["word_auc"][name] for r in runs if name in r["word_auc"]]
         lines.append(f"| {name} | {fmt([r['caption_auc'][name] for r in runs])} | {fmt(wa)} |")
-    lines.append(f"\nTotal wall time {results.get('total_seconds', 0) / 60:.1f} min.")
+    per_seed = ", ".join(f"seed {k}: {v.get('seconds', 0) / 60:.1f} min" for k, v in sorted(results["seeds"].items()))
+    total = results.get("total_seconds", 0) + results.get("earlier_seconds", 0)
+    lines.append(f"\nWall time {total / 60:.1f} min in all (training + evaluation per seed: {per_seed}).")
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
