@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from lexvla.train.checkpoint import optimizer_from_files, optimizer_to_files, rng_state, set_rng_state
+from lexvla.checkpoint import optimizer_from_files, optimizer_to_files, rng_state, set_rng_state
 from lexvla.train.cli import register
 from lexvla.train.config import PARAM_GROUPS, TrainConfig, load_config, parse_value
 from lexvla.train.optim import WarmupCosine, build_optimizer, group_of

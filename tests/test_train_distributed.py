@@ -18,8 +18,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from lexvla.distributed import gather
 from lexvla.losses import LexVLALoss
-from lexvla.train.distributed import GatheredLexVLALoss, gather
 
 V, D = 50, 12
 CASES = [  # (local_loss, rows of rank 0, rows of rank 1, regulariser)
@@ -53,9 +53,9 @@ def _reference(local: bool, n: int, reg: str) -> tuple[float, dict[str, torch.Te
     enc = Encoder()
     x, y = _data(n)
     img, txt, scale = enc(x, y)
-    out = GatheredLexVLALoss(LexVLALoss(reg, 0.3, 0.2), local_loss=local)(img, txt, scale, step=0)
+    out = LexVLALoss(reg, 0.3, 0.2, local_loss=local)(img, txt, scale, step=0)
     out.loss.backward()
-    return float(out.global_loss), {k: p.grad.clone() for k, p in enc.named_parameters()}
+    return float(out.value), {k: p.grad.clone() for k, p in enc.named_parameters()}
 
 
 def _worker(rank: int, port: int, results: dict) -> None:
@@ -69,9 +69,9 @@ def _worker(rank: int, port: int, results: dict) -> None:
             x, y = _data(n0 + n1)
             rows = slice(0, n0) if rank == 0 else slice(n0, n0 + n1)
             img, txt, scale = enc(x[rows], y[rows])
-            out = GatheredLexVLALoss(LexVLALoss(reg, 0.3, 0.2), local_loss=local)(img, txt, scale, step=0)
+            out = LexVLALoss(reg, 0.3, 0.2, local_loss=local)(img, txt, scale, step=0)
             out.loss.backward()
-            results[(case, rank)] = (float(out.global_loss), out.global_batch,
+            results[(case, rank)] = (float(out.value), out.global_batch,
                                      {k.removeprefix("module."): p.grad.clone() for k, p in enc.named_parameters()})
         # gather keeps this rank's rows differentiable and puts every rank's rows in rank order
         x = torch.full((rank + 1, 2), float(rank), requires_grad=True)
@@ -117,13 +117,16 @@ def test_gather_order_and_local_gradient(two_rank_results: dict) -> None:
 
 
 def test_single_process_is_the_plain_loss() -> None:
-    """Without torch.distributed the wrapper is exactly the core loss (both modes)."""
+    """Without torch.distributed both modes are exactly the plain loss of the batch."""
     torch.manual_seed(0)
     img = F.normalize(torch.rand(6, V), dim=-1)
     txt = F.normalize(torch.rand(6, V), dim=-1)
     scale = torch.tensor(10.0)
     plain = LexVLALoss("overuse", 0.1, 0.1)(img, txt, scale, step=0).loss
+    c = LexVLALoss("none")(img, txt, scale).loss
+    torch.testing.assert_close(c, 0.5 * (F.cross_entropy(scale * img @ txt.T, torch.arange(6))
+                                         + F.cross_entropy(scale * txt @ img.T, torch.arange(6))))
     for local in (False, True):
-        out = GatheredLexVLALoss(LexVLALoss("overuse", 0.1, 0.1), local_loss=local)(img, txt, scale, step=0)
+        out = LexVLALoss("overuse", 0.1, 0.1, local_loss=local)(img, txt, scale, step=0)
         assert float(out.loss) == pytest.approx(float(plain), rel=1e-6)
-        assert float(out.global_loss) == pytest.approx(float(plain), rel=1e-6)
+        assert float(out.value) == pytest.approx(float(plain), rel=1e-6)

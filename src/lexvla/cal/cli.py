@@ -57,6 +57,7 @@ def register(subparsers) -> None:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--save-every", type=int, default=0, help="checkpoint every n steps (0: only at the end)")
+    t.add_argument("--log-every", type=int, default=10, help="metrics.jsonl record every n steps")
     t.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from the newest checkpoint in --output (default on)")
     t.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -143,15 +144,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         model = SmallVLM(VLMConfig(llm=args.llm, llm_layers=args.llm_layers, image_tokens=args.image_tokens))
     cfg = TrainConfig(stage=args.stage, cal=args.cal, cal_config=_cal_config(args), steps=args.steps,
-                      batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every)
+                      batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every,
+                      log_every=args.log_every)
     out = Path(args.output)
     images = [ex.image for ex in examples]
-    features = compute_features(model.backbone, images, cache=out / "features")
-    blurred = None
-    if args.cal and args.condition == "blur":
-        blurred = compute_features(model.backbone, images, cache=out / "features", blur_sigma=args.blur_sigma)
+    from lexvla.distributed import build_accelerator
+
+    acc, _ = build_accelerator()  # the same setup train_stage uses; rank 0 fills the feature cache first
+    with acc.main_process_first():
+        features = compute_features(model.backbone, images, cache=out / "features")
+        blurred = None
+        if args.cal and args.condition == "blur":
+            blurred = compute_features(model.backbone, images, cache=out / "features", blur_sigma=args.blur_sigma)
     res = train_stage(model, examples, features, cfg, out, resume=args.resume, blurred_features=blurred)
-    _say(f"trained {res.steps} steps ({res.seconds:.0f}s), final loss {res.final_loss:.4f}; checkpoint: {res.checkpoint}")
+    if acc.is_main_process:
+        _say(f"trained {res.steps} steps ({res.seconds:.0f}s), final loss {res.final_loss:.4f}; "
+             f"checkpoint: {res.checkpoint}")
     return 0
 
 

@@ -1,9 +1,10 @@
 """Two-stage LLaVA-style training of a :class:`~lexvla.cal.vlm.SmallVLM`, with or without CAL.
 
 Stage "pretrain" trains the projector only (LLM frozen); stage "finetune" trains the projector and LoRA
-adapters. Accelerate places the model and does backward/clipping; checkpoints hold only the trained
-weights (safetensors), the optimiser state (safetensors + JSON) and the step, so a run resumes exactly
-where it stopped (the batch order is a pure function of seed and step). Metrics go to ``metrics.jsonl``.
+adapters. The distributed setup, the checkpoints (trained weights + optimiser state in safetensors, every
+rank's RNG, rotation) and the warm-up + cosine schedule are the LexVLA trainer's (``lexvla.distributed``,
+``lexvla.checkpoint``, ``lexvla.schedule``); a run resumes exactly where it stopped (the batch order is a
+pure function of seed and step). Metrics go to ``metrics.jsonl`` (rank 0).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -24,6 +24,9 @@ from tqdm.auto import tqdm
 from lexvla.cal.data import VLMExample, format_target
 from lexvla.cal.loss import CALConfig, CALLoss, CALOutput
 from lexvla.cal.vlm import SmallVLM
+from lexvla.checkpoint import CheckpointWriter, latest_checkpoint, restore_checkpoint
+from lexvla.distributed import all_reduce_grads, all_reduce_sum, broadcast_from_main, build_accelerator
+from lexvla.schedule import WarmupCosine
 
 logger = logging.getLogger(__name__)
 
@@ -67,12 +70,12 @@ class TrainConfig:
         if self.warmup_steps < 0 or self.save_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("TrainConfig: warmup_steps and save_every must be >= 0, keep_checkpoints >= 1")
 
+    def schedule(self) -> WarmupCosine:
+        """The learning-rate multiplier: the LexVLA trainer's warm-up + cosine, floor 10%."""
+        return WarmupCosine(self.warmup_steps, self.steps, floor=0.1)
+
     def lr_at(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        span = max(1, self.steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        return self.lr * self.schedule()(step)
 
 
 @dataclass
@@ -109,67 +112,48 @@ def make_batch(model: SmallVLM, examples: Sequence[VLMExample], features: dict[s
     return tokens, feats
 
 
-# ------------------------------------------------------------------------------------ checkpoints
-def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors, scalars = {}, {"param_groups": state["param_groups"], "state": {}}
-    for idx, slot in state["state"].items():
-        for key, value in slot.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value.detach().contiguous()
-            else:
-                scalars["state"].setdefault(str(idx), {})[key] = value
-    return tensors, scalars
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    for idx, slot in scalars["state"].items():
-        state.setdefault(int(idx), {}).update(slot)
-    return {"state": state, "param_groups": scalars["param_groups"]}
-
-
-def save_checkpoint(path: Path, model: SmallVLM, optimizer: torch.optim.Optimizer, step: int,
-                    config: TrainConfig) -> Path:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
-    tensors, scalars = _flatten_optimizer(optimizer.state_dict())
-    save_file(tensors, tmp / "optimizer.safetensors")
-    state = {"step": step, "optimizer": scalars, "train_config": dataclasses.asdict(config)}
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
-    tmp.replace(path)
-    return path
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    ckpts = sorted((output_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    ckpts = [c for c in ckpts if (c / "trainer_state.json").is_file()]
-    return ckpts[-1] if ckpts else None
-
-
-def _prune(output_dir: Path, keep: int) -> None:
-    import shutil
-
-    ckpts = sorted((output_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    for old in ckpts[:-keep]:
-        shutil.rmtree(old)
-
-
 # ---------------------------------------------------------------------------------------- training
+CHECKPOINT_WIDTH = 0  # CAL checkpoints are named step-<N> (docs/cal.md, --init runs/s1/checkpoints/step-20)
+
+
+def rank_slice(indices: list[int], rank: int, world: int) -> list[int]:
+    """This rank's contiguous share of a global batch (the ranks' shares, in rank order, are the batch)."""
+    if len(indices) % world:
+        raise ValueError(f"TrainConfig.batch_size {len(indices)} (the global batch) must be divisible by the "
+                         f"number of processes {world}")
+    per = len(indices) // world
+    return indices[rank * per:(rank + 1) * per]
+
+
+def global_token_mean(out: CALOutput, cal: bool, eps: float) -> tuple[torch.Tensor, float, float]:
+    """The loss of the global batch from this rank's share: (what to backpropagate, loss value, plain CE).
+
+    CAL normalises the weighted CE sum by the sum of the weights (plain CE: by the token count); across
+    processes both sums must be the global ones, so this rank's loss is rescaled by local / global
+    normaliser. The ranks' gradients then *add up* to the single-process gradient (they are all-reduced
+    with a sum, see :func:`lexvla.distributed.all_reduce_grads`). In one process the scale is exactly 1.
+    """
+    extra = eps if cal else 0.0
+    local_norm = out.weights[out.valid].sum().float()
+    norm = all_reduce_sum(local_norm) + extra
+    scale = (local_norm + extra) / norm
+    loss = out.loss * scale
+    n_local = out.valid.sum().float()
+    ce = all_reduce_sum(out.ce_loss.detach() * n_local) / all_reduce_sum(n_local)
+    return loss, float(all_reduce_sum(loss.detach())), float(ce)
+
+
 def train_stage(model: SmallVLM, examples: Sequence[VLMExample], features: dict[str, torch.Tensor],
                 config: TrainConfig, output_dir: str | Path, resume: bool = True,
                 blurred_features: dict[str, torch.Tensor] | None = None) -> TrainResult:
     """Train one stage; with ``resume`` continue from the newest checkpoint in ``output_dir``.
-    ``blurred_features`` (backbone tokens of the blurred images) are needed by CAL's "blur" condition."""
-    from accelerate import Accelerator
+    ``blurred_features`` (backbone tokens of the blurred images) are needed by CAL's "blur" condition.
+
+    Several processes (``torchrun --nproc_per_node N -m lexvla.cal train ...``): ``config.batch_size`` is
+    the global batch, each rank trains on its contiguous share, the loss is normalised over the global
+    batch's tokens and the gradients are summed over ranks, so the step equals one process on the whole
+    batch (smoothing ``flattened`` excepted at the rank boundary: its window runs over each rank's
+    flattened batch, as in the official multi-GPU code). Rank 0 logs and writes checkpoints."""
     from safetensors.torch import load_file
 
     if not examples:
@@ -177,62 +161,84 @@ def train_stage(model: SmallVLM, examples: Sequence[VLMExample], features: dict[
     needs_blur = config.cal and config.cal_config.condition == "blur"
     if needs_blur and blurred_features is None:
         raise ValueError("CAL condition 'blur' needs blurred_features (see lexvla.cal.data.compute_features)")
+    acc, setup = build_accelerator()
+    rank, world = setup.rank, setup.world_size
+    main = rank == 0
+    if config.batch_size % world:
+        raise ValueError(f"TrainConfig.batch_size {config.batch_size} (the global batch) must be divisible by "
+                         f"the number of processes {world}")
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
     model.set_stage(config.stage)
     start = 0
     ckpt = latest_checkpoint(output_dir) if resume else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = config.schedule()
+    record_setup = {**setup.to_dict(), "per_device_batch": config.batch_size // world,
+                    "global_batch": config.batch_size, "grad_accum": 1}
+    if main:
+        logger.info("distributed setup: %s; batch %d per device, %d global", setup.describe(),
+                    config.batch_size // world, config.batch_size)
     if ckpt is not None:
-        from safetensors.torch import load_file as _load
-
-        model.load_trainable(_load(ckpt / "trainable.safetensors"))
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        optimizer.load_state_dict(_unflatten_optimizer(load_file(ckpt / "optimizer.safetensors"),
-                                                       state["optimizer"]))
-        start = int(state["step"])
+        model.load_trainable(load_file(ckpt / "trainable.safetensors"))
+        start = int(restore_checkpoint(ckpt, optimizer, rank=rank)["step"])
         logger.info("resuming %s from %s (step %d)", config.stage, ckpt, start)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    model, optimizer = accelerator.prepare(model, optimizer)
-    vlm: SmallVLM = accelerator.unwrap_model(model)
+    # The model is called through its own methods (logits / multimodal_inputs), not a DDP wrapper's
+    # forward: gradients are summed over ranks explicitly after backward.
+    vlm: SmallVLM = model.to(acc.device)
+    broadcast_from_main(params)  # every rank starts from rank 0's weights, as DDP would make it
+    writer = CheckpointWriter(output_dir, config.keep_checkpoints, barrier=acc.wait_for_everyone,
+                              width=CHECKPOINT_WIDTH)
+    state = {"train_config": dataclasses.asdict(config), "setup": record_setup}
+
+    def save(step: int) -> Path:
+        return writer.save(step, vlm.save_pretrained, optimizer, state)
+
     loss_fn = CALLoss(config.cal_config, enabled=config.cal)
-    metrics = (output_dir / "metrics.jsonl").open("a")
+    metrics = (output_dir / "metrics.jsonl").open("a") if main else None
     t0, last = time.time(), float("nan")
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not config.progress,
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not (config.progress and main),
                desc=f"{config.stage}{' +CAL' if config.cal else ''}")
     for step in bar:
         t_step = time.time()
+        lr = config.lr * schedule(step)
         for group in optimizer.param_groups:
-            group["lr"] = config.lr_at(step)
-        batch = [examples[i] for i in batch_indices(len(examples), config.batch_size, step, config.seed)]
+            group["lr"] = lr
+        mine = rank_slice(batch_indices(len(examples), config.batch_size, step, config.seed), rank, world)
+        batch = [examples[i] for i in mine]
         tokens, feats = make_batch(vlm, batch, features)
         blurred = make_batch(vlm, batch, blurred_features)[1] if needs_blur else None
-        out: CALOutput = loss_fn(vlm.logits, vlm.multimodal_inputs(tokens, feats, blurred))
-        accelerator.backward(out.loss)
+        out: CALOutput = loss_fn(vlm.logits, vlm.multimodal_inputs(tokens, feats.to(acc.device),
+                                                                   None if blurred is None else blurred.to(acc.device)))
+        loss, last, ce = global_token_mean(out, config.cal, config.cal_config.eps)
+        loss.backward()
+        all_reduce_grads(params)
         if config.grad_clip > 0:
-            accelerator.clip_grad_norm_(params, config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        last = float(out.loss.detach())
         if not math.isfinite(last):
             raise FloatingPointError(f"non-finite loss at step {step} of stage {config.stage}")
         bar.set_postfix(loss=f"{last:.3f}")
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+        tokens = int(all_reduce_sum(out.valid.sum()))  # collective: every rank, every step
+        if metrics is not None and ((step + 1) % config.log_every == 0 or step + 1 == config.steps):
             record = {"stage": config.stage, "cal": config.cal, "step": step + 1, "loss": last,
-                      "ce": float(out.ce_loss), "lr": config.lr_at(step), "sec_per_step": time.time() - t_step,
-                      "tokens": out.num_tokens}
+                      "ce": ce, "lr": lr, "sec_per_step": time.time() - t_step,
+                      "tokens": tokens, "world_size": world,
+                      "global_batch": config.batch_size}
             if out.logit_diff is not None:
                 v = out.valid
                 record.update(weight_mean=float(out.weights[v].mean()), diff_mean=float(out.logit_diff[v].mean()))
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
-            save_checkpoint(output_dir / "checkpoints" / f"step-{step + 1}", vlm, optimizer, step + 1, config)
-            _prune(output_dir, config.keep_checkpoints)
-    metrics.close()
-    final = save_checkpoint(output_dir / "checkpoints" / f"step-{config.steps}", vlm, optimizer, config.steps, config)
-    _prune(output_dir, config.keep_checkpoints)
+            save(step + 1)
+    if metrics is not None:
+        metrics.close()
+    final = save(config.steps)
     return TrainResult(config.steps, last, time.time() - t0, output_dir, final)
 
 

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..losses import FlopsLoss, OveruseLoss  # the training terms' formulas, reused
+
 TIE_RULES = ("pessimistic", "optimistic")
 DEFAULT_KS = (1, 5, 10)
 
@@ -189,7 +191,8 @@ class SparsityStats:
         multiplications in one dot product of two vectors from the set (SPLADE's FLOPS measure, the
         "quadratic" sparsity measure: it punishes words active everywhere far more than rare ones).
     flops_reg: sum_j (mean_i |s_ij|)^2, the value of the FLOPs regulariser on this set.
-    overuse: sum_j (a_j / sum_k a_k) a_j^2 with a_j = mean_i s_ij, the (inferred) overuse penalty.
+    overuse: sum_j (a_j / sum_k a_k) a_j^2 with a_j = mean_i |s_ij|, the (inferred) overuse penalty.
+    Both regulariser values come from the training loss's own formulas (``lexvla.losses``).
     """
 
     num_vectors: int
@@ -211,10 +214,6 @@ def sparsity_stats(vectors: torch.Tensor) -> SparsityStats:
     v = vectors.float()
     active = (v != 0).sum(1).float()
     share = (v != 0).float().mean(0)
-    mean_abs = v.abs().mean(0)
-    a = v.mean(0)
-    asum = a.sum()
-    overuse = float((a * a.pow(2)).sum() / asum) if asum > 0 else 0.0
     return SparsityStats(
         num_vectors=len(v),
         vocab_size=v.shape[1],
@@ -222,8 +221,8 @@ def sparsity_stats(vectors: torch.Tensor) -> SparsityStats:
         median_active=float(active.median()),
         sparsity=float(1 - active.mean() / v.shape[1]),
         flops=float(share.pow(2).sum()),
-        flops_reg=float(mean_abs.pow(2).sum()),
-        overuse=overuse,
+        flops_reg=float(FlopsLoss()(v)),
+        overuse=float(OveruseLoss()(v)),
     )
 
 

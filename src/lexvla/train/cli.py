@@ -61,11 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="count", default=0)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose + 1, 2),
+    from ..distributed import DistributedSetupError, LaunchEnv
+
+    try:
+        rank = LaunchEnv.from_environ().rank
+    except DistributedSetupError:
+        rank = 0  # reported with its message by train()
+    # one log for the run: rank 0's (the others only warn)
+    level = logging.WARNING - 10 * min(args.verbose + 1, 2) if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return _run(args)
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (FileNotFoundError, ValueError, KeyError, DistributedSetupError) as err:
         if args.verbose > 1:
             raise
         print(f"lexvla train: error: {err}", file=sys.stderr)

@@ -181,7 +181,9 @@ class TrainConfig:
     loss: LossSection = field(default_factory=LossSection)
     steps: int | None = None
     epochs: float | None = None
-    grad_accum: int = 1  # micro-batches per optimiser step (each micro-batch is its own contrastive batch)
+    # micro-batches per optimiser step, scored as ONE contrastive batch of grad_accum x data.batch_size
+    # pairs (cached embeddings, GradCache: one extra forward pass per micro-batch)
+    grad_accum: int = 1
     mixed_precision: str = "no"
     # Activation checkpointing in the LLM (None = as the model config says). Saves memory with LoRA.
     gradient_checkpointing: bool | None = None
@@ -192,7 +194,8 @@ class TrainConfig:
     seed: int = 0
     tensorboard: bool = True
     progress: bool = True
-    cpu: bool = False  # force the CPU even where an accelerator exists
+    cpu: bool = False  # keep a GPU machine on the CPU (without GPUs the CPU is used anyway, any process count)
+    log_samples: bool = False  # rank 0 writes samples.jsonl: the sample ids every rank trained on, per step
 
     def __post_init__(self) -> None:
         for name, cls in (("model", ModelSection), ("data", DataSection), ("validation", ValidationSection),

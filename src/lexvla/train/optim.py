@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..schedule import WarmupCosine
 from .config import PARAM_GROUPS, OptimSection
 
 # Trained parameter name -> group. Checked in order; every trainable parameter must match one, so a new
@@ -67,25 +67,6 @@ def param_groups(model: nn.Module, cfg: OptimSection) -> tuple[list[dict], list[
 def build_optimizer(model: nn.Module, cfg: OptimSection) -> tuple[torch.optim.AdamW, list[GroupSummary]]:
     groups, summary = param_groups(model, cfg)
     return torch.optim.AdamW(groups, betas=cfg.betas, eps=cfg.eps), summary
-
-
-@dataclass(frozen=True)
-class WarmupCosine:
-    """lr multiplier: linear 0 -> 1 over ``warmup`` steps, then cosine 1 -> ``floor`` at ``total``."""
-
-    warmup: int
-    total: int
-    floor: float = 0.0
-    cosine: bool = True
-
-    def __call__(self, step: int) -> float:
-        if self.warmup > 0 and step < self.warmup:
-            return (step + 1) / self.warmup
-        if not self.cosine:
-            return 1.0
-        span = max(1, self.total - self.warmup)
-        progress = min(1.0, (step - self.warmup) / span)
-        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimSection, total_steps: int

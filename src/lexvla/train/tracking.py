@@ -48,6 +48,12 @@ class MetricsLogger:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)
 
+    def record(self, entry: dict) -> None:
+        """A non-scalar record (the run's setup) in metrics.jsonl only."""
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()

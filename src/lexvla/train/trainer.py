@@ -1,9 +1,12 @@
 """The training loop: one code path for one CPU, one GPU, DDP and FSDP (Hugging Face Accelerate).
 
-Launch with ``lexvla train --config run.yaml`` (one process) or
-``accelerate launch --num_processes N -m lexvla.train --config run.yaml`` (several; ``torchrun`` works
-too). ``data.batch_size`` is the global batch; the contrastive loss is computed over all of it
-(:mod:`lexvla.train.distributed`).
+Launch with ``lexvla train --config run.yaml`` (one process) or ``torchrun --nproc_per_node N -m
+lexvla.train --config run.yaml`` / ``accelerate launch --multi_gpu --num_processes N -m lexvla.train ...``
+(several; :func:`lexvla.distributed.build_accelerator` picks gloo on the CPU, NCCL on GPUs).
+``data.batch_size`` is the global batch of one micro-step; the contrastive loss is computed over all of it
+(gathered inside :class:`lexvla.losses.LexVLALoss`), and with ``grad_accum`` = K over the K micro-batches
+of a step together (cached embeddings, :func:`_accumulated_step`). Rank 0 logs and writes; every rank
+takes part in the collective parts (gathers, checkpoints' RNG states, barriers).
 """
 
 from __future__ import annotations
@@ -18,16 +21,37 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
-from ..losses import LexVLALoss
-from .checkpoint import CheckpointWriter, TrainerState, latest_checkpoint, load_checkpoint
+from ..checkpoint import CheckpointWriter, latest_checkpoint, restore_checkpoint
+from ..distributed import DistributedSetup, build_accelerator, gather_objects
+from ..losses import LexVLALoss, LossOutput
 from .config import TrainConfig
 from .data import TrainStream
-from .distributed import GatheredLexVLALoss
 from .optim import build_optimizer, build_scheduler
 from .tracking import MetricsLogger
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainerState:
+    """Where training stands: enough to continue the data stream exactly where it stopped."""
+
+    step: int = 0  # optimiser steps done
+    epoch: int = 0  # current epoch of the data stream
+    batches_in_epoch: int = 0  # micro-batches already taken from the current epoch (per process)
+    samples_seen: int = 0  # pairs in all batches so far (global)
+    world_size: int = 1
+    skipped: int = 0  # samples skipped so far (all processes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainerState:
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclass
@@ -48,6 +72,7 @@ class TrainResult:
     skipped: int = 0
     skip_report: str = ""
     resumed_from: str | None = None
+    setup: dict[str, Any] = field(default_factory=dict)  # world size, rank, device, backend, batches, ...
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,14 +101,21 @@ def build_model(cfg: TrainConfig) -> Any:
     return model.train()
 
 
-def _accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
+def _accelerator(cfg: TrainConfig) -> tuple[Any, DistributedSetup]:
     from accelerate.utils import DistributedDataParallelKwargs
 
     # broadcast_buffers=False: the frozen text codebook is a (V x D) buffer that never changes; DDP would
     # otherwise re-broadcast it before every forward pass.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu, kwargs_handlers=[ddp])
+    return build_accelerator(cfg.mixed_precision, force_cpu=cfg.cpu, kwargs_handlers=[ddp])
+
+
+def run_description(cfg: TrainConfig, setup: DistributedSetup) -> dict[str, Any]:
+    """What a run is, as recorded in trainer.json, metrics.jsonl and result.json."""
+    per_device = cfg.data.batch_size // setup.world_size
+    return {**setup.to_dict(), "per_device_batch": per_device, "global_batch": cfg.data.batch_size,
+            "grad_accum": cfg.grad_accum, "contrastive_batch": cfg.data.batch_size * cfg.grad_accum,
+            "local_loss": cfg.loss.local_loss}
 
 
 def _resolve_resume(resume: str | bool | None, output_dir: Path) -> Path | None:
@@ -115,7 +147,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, model: Any = None)
     from accelerate.utils import set_seed
 
     start_time = time.perf_counter()
-    acc = _accelerator(cfg)
+    acc, setup = _accelerator(cfg)
     out_dir = Path(cfg.output_dir)
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -123,14 +155,20 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, model: Any = None)
     acc.wait_for_everyone()
     set_seed(cfg.seed)  # identical initialisation on every rank
     model = build_model(cfg) if model is None else model.train()
-    stream = TrainStream(cfg.data, model, acc, cfg.seed, log_dir=str(out_dir / "skips"), progress=cfg.progress)
+    stream = TrainStream(cfg.data, model, acc, cfg.seed, progress=cfg.progress,
+                         log_dir=str(out_dir / "skips") if acc.is_main_process else None)
+    description = run_description(cfg, setup)
+    if acc.is_main_process:
+        logger.info("distributed setup: %s; batch %d per device, %d global, grad_accum %d (contrastive batch %d)",
+                    setup.describe(), description["per_device_batch"], cfg.data.batch_size, cfg.grad_accum,
+                    description["contrastive_batch"])
     total_steps = _total_steps(cfg, stream)
     optimizer, groups = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     for g in groups:
         logger.info("param group %-24s %10d params  lr %.2e  wd %.3g", g.name, g.params, g.lr, g.weight_decay)
-    loss_fn = GatheredLexVLALoss(LexVLALoss(cfg.loss.regulariser, cfg.loss.image_weight, cfg.loss.text_weight,
-                                            cfg.loss.ramp_steps), cfg.loss.local_loss)
+    loss_fn = LexVLALoss(cfg.loss.regulariser, cfg.loss.image_weight, cfg.loss.text_weight, cfg.loss.ramp_steps,
+                         local_loss=cfg.loss.local_loss)
     model, optimizer = acc.prepare(model, optimizer)  # the scheduler is stepped by hand: once per step
     core = acc.unwrap_model(model)
     threshold = core.sparsification.threshold_for(len(core.vocab))  # the model's inference threshold
@@ -139,7 +177,10 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, model: Any = None)
     state = TrainerState(world_size=acc.num_processes)
     resumed = _resolve_resume(resume, out_dir)
     if resumed is not None:
-        state = load_checkpoint(resumed, acc, model, optimizer, scheduler)
+        core.load_trained(load_file(resumed / "model" / "model.safetensors"))
+        saved = restore_checkpoint(resumed, optimizer, scheduler, getattr(acc, "scaler", None),
+                                   rank=acc.process_index)
+        state = TrainerState.from_dict(saved)
         state.world_size = acc.num_processes
         stream.seek(state.epoch, state.batches_in_epoch)
         # the saved count is the sum over ranks: carry it on one rank so the next sum stays right
@@ -148,9 +189,13 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, model: Any = None)
                     state.batches_in_epoch)
     else:
         set_seed(cfg.seed + acc.process_index)  # per-rank dropout streams
-    writer = CheckpointWriter(acc, out_dir, cfg.keep_checkpoints)
+    writer = _Checkpoints(acc, out_dir, cfg.keep_checkpoints, description)
     tracker = MetricsLogger(out_dir, enabled=acc.is_main_process, tensorboard=cfg.tensorboard,
                             resume_step=state.step if resumed is not None else None)
+    tracker.record({"step": state.step, "event": "setup", **description,
+                    "resumed_from": str(resumed) if resumed else None})
+    samples_log = (out_dir / "samples.jsonl").open("a" if resumed else "w") \
+        if cfg.log_samples and acc.is_main_process else None
     validator = _Validator(cfg) if cfg.validation.dataset else None
     progress = _progress(cfg, acc, total_steps, state.step)
 
@@ -163,25 +208,22 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, model: Any = None)
     model.train()
     while state.step < total_steps:
         t0, c0 = time.perf_counter(), time.process_time()
-        sums: dict[str, torch.Tensor] = {}
-        pairs = 0
-        for micro in range(cfg.grad_accum):
+        micro = []
+        for _ in range(cfg.grad_accum):
             batch, text_vectors = stream.next()
-            batch = batch.to(acc.device)
-            sync = micro == cfg.grad_accum - 1
-            with contextlib.nullcontext() if sync else acc.no_sync(model):
-                with acc.autocast():
-                    out = model(texts=None if text_vectors is not None else batch.captions, pixels=batch.pixels,
-                                features=batch.features, text_vectors=text_vectors)
-                    res = loss_fn(out.image.vectors.float(), out.text.vectors.float(), out.logit_scale.float(),
-                                  state.step)
-                acc.backward(res.loss / cfg.grad_accum)
-            pairs += res.global_batch
-            parts = {"loss": res.global_loss, **{f"loss/{k}": v for k, v in res.terms.items()},
-                     "words/image": _sparsity(out.image.vectors, threshold),
-                     "words/text": _sparsity(out.text.vectors, threshold)}
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.grad_accum
+            micro.append((batch.to(acc.device), text_vectors))
+        if cfg.log_samples:
+            ids = gather_objects([list(b.ids) for b, _ in micro])  # collective: every rank sends its ids
+            if samples_log is not None:
+                samples_log.write(json.dumps({"step": state.step + 1, "ranks": ids}) + "\n")
+                samples_log.flush()
+        if cfg.grad_accum == 1:
+            res, image, text = _plain_step(acc, model, loss_fn, *micro[0], state.step)
+        else:
+            res, image, text = _accumulated_step(acc, model, loss_fn, micro, state.step)
+        pairs = res.global_batch
+        sums = {"loss": res.value, **{f"loss/{k}": v for k, v in res.terms.items()},
+                "words/image": _sparsity(image, threshold), "words/text": _sparsity(text, threshold)}
         grad_norm = None
         if cfg.optim.grad_clip:
             grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -223,6 +265,8 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, model: Any = None)
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
             last_ckpt = writer.save(state.step, model, optimizer, scheduler, _global_state(acc, state, stream))
     progress.close()
+    if samples_log is not None:
+        samples_log.close()
 
     if validator is not None and (not cfg.validation.every or state.step % cfg.validation.every):
         validator.run(acc, core, state.step, tracker)
@@ -244,13 +288,103 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, model: Any = None)
         pairs_per_second=sum(step_pairs[timed]) / seconds if seconds > 0 else 0.0,
         pairs_per_cpu_second=sum(step_pairs[timed]) / cpu if cpu > 0 else 0.0,
         final_metrics=metrics, validation=validator.history if validator else [], skipped=skipped,
-        skip_report=report, resumed_from=str(resumed) if resumed else None,
+        skip_report=report, resumed_from=str(resumed) if resumed else None, setup=description,
     )
     if acc.is_main_process:
         (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
     tracker.close()
     acc.wait_for_everyone()
     return result
+
+
+def _forward(model: Any, batch: Any, text_vectors: torch.Tensor | None) -> Any:
+    return model(texts=None if text_vectors is not None else batch.captions, pixels=batch.pixels,
+                 features=batch.features, text_vectors=text_vectors)
+
+
+def _plain_step(acc: Any, model: Any, loss_fn: LexVLALoss, batch: Any, text_vectors: torch.Tensor | None,
+                step: int) -> tuple[LossOutput, torch.Tensor, torch.Tensor]:
+    """One micro-batch per step: forward, loss on the gathered batch, backward."""
+    with acc.autocast():
+        out = _forward(model, batch, text_vectors)
+        image, text = out.image.vectors.float(), out.text.vectors.float()
+        res = loss_fn(image, text, out.logit_scale.float(), step)
+    acc.backward(res.loss)
+    return res, image.detach(), text.detach()
+
+
+class _RNG:
+    """CPU (and current CUDA device) RNG state, to replay a forward pass with the same dropout masks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.device = device
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+def _accumulated_step(acc: Any, model: Any, loss_fn: LexVLALoss, micro: list[tuple[Any, torch.Tensor | None]],
+                      step: int) -> tuple[LossOutput, torch.Tensor, torch.Tensor]:
+    """K micro-batches as ONE contrastive batch (GradCache, Gao et al. 2021).
+
+    1. every micro-batch is encoded without an autograd graph and its lexical vectors are kept;
+    2. the loss of the whole step's batch (all micro-batches of all ranks, gathered by the loss) is
+       computed on those cached vectors and differentiated with respect to them;
+    3. every micro-batch is encoded again, now with its graph (same RNG state, so the same dropout), and
+       ``<vectors, cached gradient>`` is backpropagated: the parameters get exactly the gradient of the
+       big batch while only one micro-batch's activations are alive at a time.
+    Costs one extra forward pass per micro-batch; memory is that of one micro-batch plus the cached
+    vectors and their gradients (2 sides x 2 x K x per-device batch x V floats).
+    """
+    states, images, texts = [], [], []
+    with torch.no_grad():
+        for batch, text_vectors in micro:
+            states.append(_RNG(acc.device))
+            with acc.autocast():
+                out = _forward(model, batch, text_vectors)
+            images.append(out.image.vectors.float())
+            texts.append(out.text.vectors.float())
+            scale = out.logit_scale.float()
+    after = _RNG(acc.device)
+    image = torch.cat(images).requires_grad_(True)
+    text = torch.cat(texts).requires_grad_(True)
+    scale = scale.detach().requires_grad_(True)
+    res = loss_fn(image, text, scale, step)
+    res.loss.backward()  # float32 on the cached vectors: no loss scaling needed here
+    start = 0
+    for k, ((batch, text_vectors), rng) in enumerate(zip(micro, states, strict=True)):
+        rng.restore()
+        rows = slice(start, start + len(batch))
+        start += len(batch)
+        with contextlib.nullcontext() if k == len(micro) - 1 else acc.no_sync(model):
+            with acc.autocast():
+                out = _forward(model, batch, text_vectors)
+                surrogate = ((out.image.vectors.float() * image.grad[rows]).sum()
+                             + (out.text.vectors.float() * text.grad[rows]).sum()
+                             + out.logit_scale.float() * scale.grad / len(micro))
+            acc.backward(surrogate)
+    after.restore()
+    return res, image.detach(), text.detach()
+
+
+class _Checkpoints:
+    """The trainer's side of :class:`lexvla.checkpoint.CheckpointWriter`: LexVLA's model folder."""
+
+    def __init__(self, acc: Any, out_dir: Path, keep: int, description: dict[str, Any]) -> None:
+        self.acc = acc
+        self.writer = CheckpointWriter(out_dir, keep, barrier=acc.wait_for_everyone)
+        self.description = description
+
+    def save(self, step: int, model: Any, optimizer: Any, scheduler: Any, state: TrainerState) -> Path:
+        acc = self.acc
+        core = acc.unwrap_model(model)
+        return self.writer.save(step, lambda folder: core.save_pretrained(folder / "model"), optimizer,
+                                {**state.to_dict(), "setup": self.description}, scheduler=scheduler,
+                                grad_scaler=getattr(acc, "scaler", None))
 
 
 def _total_steps(cfg: TrainConfig, stream: TrainStream) -> int:
@@ -274,7 +408,7 @@ def _progress(cfg: TrainConfig, acc: Any, total: int, initial: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
-                disable=not (cfg.progress and acc.is_local_main_process))
+                disable=not (cfg.progress and acc.is_main_process))
 
 
 class _Validator:
