@@ -153,7 +153,20 @@ def _fetch(args: argparse.Namespace) -> int:
         _out(f"{report.root}: {'nothing to do, all styles up to date' if report.up_to_date else 'prepared'} "
              f"in {time.perf_counter() - t0:.1f}s")
         return 0
-    raise SystemExit(f"lexvla data fetch: unknown data set {args.dataset!r}")
+    if args.dataset == "clipart":
+        from lexvla.data.clipart import fetch_clipart
+
+        rep = fetch_clipart(root=args.root, size=args.size, source_dir=args.source_dir, progress=not args.no_progress)
+        _out(rep.summary())
+        _out(f"{rep.root}: {'nothing to do' if rep.up_to_date else 'prepared'} in {time.perf_counter() - t0:.1f}s")
+        return 0
+    from lexvla.data.fashion import fetch_fashion_mnist
+
+    splits = tuple(s for s in (args.splits or "test").split(",") if s)
+    rep = fetch_fashion_mnist(splits, root=args.root, source_dir=args.source_dir, progress=not args.no_progress)
+    _out(f"fashion-mnist: {rep.counts}")
+    _out(f"{rep.root}: {'nothing to do' if rep.up_to_date else 'prepared'} in {time.perf_counter() - t0:.1f}s")
+    return 0
 
 
 def _collages(args: argparse.Namespace) -> int:
@@ -180,8 +193,11 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_easyvqa)
 
     p = sub.add_parser("fetch", help="download pinned registry packages into the cache and prepare a data set")
-    p.add_argument("dataset", choices=("emoji",), help="emoji: Noto, Fluent 3D and OpenMoji with CLDR names")
+    p.add_argument("dataset", choices=("emoji", "clipart", "fashion-mnist"),
+                   help="emoji: Noto, Fluent 3D and OpenMoji with CLDR names (npm); clipart: OpenClipart "
+                        "with English titles (Debian); fashion-mnist: 10-class zero-shot check (Debian)")
     p.add_argument("--styles", help="emoji styles, comma-separated (default: noto,fluent,openmoji)")
+    p.add_argument("--splits", help="fashion-mnist splits to write, comma-separated (default: test)")
     p.add_argument("--size", type=int, default=224, help="prepared image size in px (square)")
     p.add_argument("--root", help="where to prepare (default: $LEXVLA_CACHE/data/<dataset>)")
     p.add_argument("--from", dest="source_dir", help="folder holding the package files (no download)")

@@ -120,3 +120,60 @@ def fetch_package(pkg: PinnedPackage, folder: Path | None = None, source_dir: Pa
         _verify(pkg, got, f"downloaded {pkg.filename}")
         got.replace(target)  # same folder: atomic
     return target
+
+
+def _ar_members(path: Path):
+    """(name, offset, size) of the members of an ``ar`` archive (a .deb is one)."""
+    with open(path, "rb") as f:
+        if f.read(8) != b"!<arch>\n":
+            raise ValueError(f"{path} is not a Debian package (no ar header)")
+        while header := f.read(60):
+            if len(header) < 60:
+                break
+            name = header[:16].decode().strip().rstrip("/")
+            size = int(header[48:58].decode().strip())
+            yield name, f.tell(), size
+            f.seek(size + (size % 2), 1)
+
+
+def extract_deb(deb: Path, dest: Path, prefix: str) -> Path:
+    """Unpack the files under ``prefix`` (e.g. ``usr/share/datasets/fashion-mnist/``) of a .deb's data
+    archive into ``dest``, like ``dpkg-deb -x`` but without dpkg. Staged and renamed, so a killed run
+    leaves nothing half-done; an existing ``dest`` is kept as is."""
+    import tarfile
+
+    from ..io import atomic_dir
+
+    if dest.is_dir():
+        return dest
+    member = next(((n, o, s) for n, o, s in _ar_members(deb) if n.startswith("data.tar")), None)
+    if member is None:
+        raise ValueError(f"{deb} has no data.tar.* member")
+    _, offset, size = member
+    with open(deb, "rb") as f, atomic_dir(dest, fsync=False) as staged:
+        f.seek(offset)
+        with tarfile.open(fileobj=_Window(f, size), mode="r|*") as tar:
+            for info in tar:
+                name = info.name.lstrip("./")
+                if not info.isfile() or not name.startswith(prefix) or ".." in name:
+                    continue
+                out = staged / name[len(prefix):]
+                out.parent.mkdir(parents=True, exist_ok=True)
+                src = tar.extractfile(info)
+                if src is not None:
+                    with open(out, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+    return dest
+
+
+class _Window:
+    """A read-only view of ``size`` bytes of an open file from its current position."""
+
+    def __init__(self, f, size: int) -> None:
+        self.f, self.left = f, size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        data = self.f.read(n)
+        self.left -= len(data)
+        return data

@@ -274,12 +274,13 @@ class ManifestSource(_MapSourceBase):
     The project's manifest format (``lexvla.data.records``, docs/data.md), with configurable column
     names: each row names an image (``image_key``) and a caption (``caption_key``; in JSONL it may be a
     list, giving one pair per caption). ``id_key`` names the optional id column; rows without an id get
-    pair ids ``<image>#<k>``. Rows with empty captions are skipped (counted) when the manifest is read;
-    unreadable or missing images when requested.
+    pair ids ``<image>#<k>``. ``split``: only rows whose ``split`` names it. Rows with empty captions are
+    skipped (counted) when the manifest is read; unreadable or missing images when requested.
     """
 
     def __init__(self, manifest: str | Path, image_root: str | Path | None = None, image_key: str = "image",
-                 caption_key: str = "caption", id_key: str | None = "id", log_dir: str | None = None) -> None:
+                 caption_key: str = "caption", id_key: str | None = "id", log_dir: str | None = None,
+                 split: str | None = None) -> None:
         self.manifest = Path(manifest)
         if not self.manifest.is_file():
             raise FileNotFoundError(f"manifest {self.manifest} does not exist")
@@ -297,6 +298,8 @@ class ManifestSource(_MapSourceBase):
             if id_key is not None and row.get(id_key) not in (None, ""):
                 std["id"] = row[id_key]
             for rec in records_from_row(std, where, self.image_root, numbering):
+                if split is not None and split not in rec.split:
+                    continue
                 self.stats.seen += 1
                 if not rec.caption:
                     self.stats.skip(rec.id, EMPTY_CAPTION, f"in {where}")

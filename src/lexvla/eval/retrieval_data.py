@@ -374,3 +374,34 @@ def _emoji(name: str) -> Callable[[RetrievalDataConfig], RetrievalSet]:
 
 for _name in ("emoji-noto", "emoji-fluent", "emoji-openmoji", "emoji"):
     register_retrieval_dataset(_name)(_emoji(_name))
+
+
+@register_retrieval_dataset("fashion-mnist")
+def fashion_mnist(config: RetrievalDataConfig) -> RetrievalSet:
+    """Fashion-MNIST zero-shot classification (``lexvla data fetch fashion-mnist``): texts are the 10
+    prompts "a photo of a <class>", a match = the same class, so image->text R@1 is top-1 accuracy.
+    ``--root``: a prepared folder other than the cache's."""
+    from ..data.fashion import CLASSES, PROMPT, manifest_path
+    from ..data.records import read_manifest
+
+    records = read_manifest(manifest_path(config.split, config.root))
+    records = records[: config.limit] if config.limit else records
+    present = [c for c in CLASSES if any(r.key == c for r in records)]  # --limit may leave some out
+    index = {c: i for i, c in enumerate(present)}
+    protocol = {"source": "dataset-fashion-mnist (Debian)", "split": config.split, "prompt": PROMPT,
+                "match": "same class; image->text R@1 = zero-shot top-1 accuracy", "limit": config.limit}
+    return RetrievalSet(f"fashion-mnist-{config.split}", [Path(str(r.image)) for r in records],
+                        [clean_caption(PROMPT.format(c), config.lowercase) for c in present],
+                        [index[str(r.key)] for r in records], list(range(len(present))), protocol)
+
+
+@register_retrieval_dataset("clipart")
+def clipart(config: RetrievalDataConfig) -> RetrievalSet:
+    """OpenClipart titles (``lexvla data fetch clipart``; splits train, val): a match = the same title."""
+    import dataclasses
+
+    from ..data.clipart import manifest_path
+
+    rs = manifest(dataclasses.replace(config, annotations=manifest_path(config.root), root=None))
+    rs.name = f"clipart-{config.split}"
+    return rs

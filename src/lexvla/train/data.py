@@ -105,6 +105,26 @@ for _name in ("emoji-noto", "emoji-fluent", "emoji-openmoji", "emoji"):
     register_train_source(_name)(_emoji_source(_name))
 
 
+@register_train_source("clipart")
+def _clipart(options: dict[str, Any], ctx: SourceContext) -> ManifestSource:
+    """options: split (train | val), root (a prepared folder other than the cache's)."""
+    from ..data.clipart import manifest_path
+
+    options = dict(options)
+    return ManifestSource(manifest_path(options.pop("root", None)), log_dir=ctx.log_dir,
+                          split=options.pop("split", "train"), **options)
+
+
+@register_train_source("fashion-mnist")
+def _fashion(options: dict[str, Any], ctx: SourceContext) -> ManifestSource:
+    """options: split (train | test; train needs `lexvla data fetch fashion-mnist --splits train,test`), root."""
+    from ..data.fashion import manifest_path
+
+    options = dict(options)
+    return ManifestSource(manifest_path(options.pop("split", "train"), options.pop("root", None)),
+                          log_dir=ctx.log_dir, **options)
+
+
 def build_source(cfg: DataSection, ctx: SourceContext) -> Any:
     try:
         factory = TRAIN_SOURCES[cfg.source]
