@@ -108,5 +108,6 @@ def test_nan_float_tiff_is_an_error_not_a_black_image(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("payload", [b"", b"not an image at all", png_bomb(8, 8)[:40], jpeg_bomb(16)[:-200]])
 def test_every_decode_failure_is_one_clear_error(payload: bytes) -> None:
-    with pytest.raises(ImageLoadError, match="cannot read image x.bin"):
+    with pytest.raises(ImageLoadError, match="cannot read image x.bin") as err:
         decode_image(payload, name="x.bin")
+    assert "object at 0x" not in str(err.value)  # never an object repr (issue 12.12)

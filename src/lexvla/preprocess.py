@@ -13,6 +13,7 @@ into :class:`ImageLoadError` naming the input.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -125,7 +126,8 @@ def decode_image(source: str | Path | bytes | IO[bytes] | Image.Image, name: str
 
 
 def _reason(err: BaseException) -> str:
-    text = str(err).strip()
+    # Pillow names an in-memory input by its repr ("<_io.BytesIO object at 0x...>"): say "the data".
+    text = re.sub(r"<_io\.\w+ object at 0x[0-9a-fA-F]+>", "the data", str(err)).strip()
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
