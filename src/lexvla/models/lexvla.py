@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +25,10 @@ from .vision import Adapter
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE = "config.json", "vocab.json", "model.safetensors"
+
+
+class UntrainedModelWarning(UserWarning):
+    """The model's image side (adapter, visual codebook) was never trained: its image words are noise."""
 
 
 class LexVLA(nn.Module):
@@ -58,6 +63,21 @@ class LexVLA(nn.Module):
                                             requires_grad=config.train_visual_codebook)
         self.mapper = LexicalMapper(config.mapper)
         self.logit_scale = nn.Parameter(torch.tensor(1.0 / config.init_temperature).log())
+        # False until trained weights are loaded (load_trained) or a trainer takes the model; until then
+        # the adapter is random and image vectors mean nothing, which warn_if_untrained says once.
+        self.image_trained = False
+        self._untrained_warned = False
+
+    def warn_if_untrained(self) -> bool:
+        """Warn (once per model) that the image side was never trained; True when it warned."""
+        if self.image_trained or self._untrained_warned:
+            return False
+        self._untrained_warned = True
+        warnings.warn(
+            f"model {self.config.name!r}: its image side was never trained (random adapter, visual codebook = "
+            "text codebook), so image words, search hits and patch maps are noise. Train it (lexvla train) "
+            "or pass a trained checkpoint folder.", UntrainedModelWarning, stacklevel=3)
+        return True
 
     # ---------------------------------------------------------------- preprocessing and devices
     @property
@@ -85,6 +105,7 @@ class LexVLA(nn.Module):
     def encode_image(self, images: torch.Tensor | Sequence[ImageInput] | ImageInput,
                      return_patches: bool = False, batch_size: int = 64) -> LexicalOutput:
         """Images (paths, PIL images, or a preprocessed (B, 3, H, W) tensor) -> lexical vectors."""
+        self.warn_if_untrained()
         if not isinstance(images, torch.Tensor):
             images = [images] if isinstance(images, (str, Path)) or hasattr(images, "mode") else list(images)
             outs = [self.encode_image(self.preprocess(images[i:i + batch_size]), return_patches)
@@ -188,6 +209,7 @@ class LexVLA(nn.Module):
                     raise ValueError(f"checkpoint tensor {name} has shape {tuple(value.shape)}, "
                                      f"model expects {tuple(params[name].shape)}")
                 params[name].copy_(value)
+        self.image_trained = True
 
 
 def _concat(outs: list[LexicalOutput]) -> LexicalOutput:

@@ -58,7 +58,9 @@ def create_model(name_or_path: str | Path, pretrained: bool = True, **overrides:
         overrides = {"backbone.source": "random", "text.source": "random", **overrides}
     if overrides:
         cfg = cfg.replace(**overrides)
-    return LexVLA(cfg)
+    model = LexVLA(cfg)
+    model.warn_if_untrained()  # here, so encode/explain/index/serve say it once, when the model is made
+    return model
 
 def load(path: str | Path) -> LexVLA:
     """Restore a model saved by :meth:`LexVLA.save_pretrained` (safetensors + JSON; no pickle)."""

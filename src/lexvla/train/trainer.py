@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,12 @@ def build_model(cfg: TrainConfig) -> Any:
 
         model = load(path)
     else:
-        model = create_model(cfg.model.name, **overrides)
+        from ..models.lexvla import UntrainedModelWarning
+
+        with warnings.catch_warnings():  # an untrained model is what a trainer starts from
+            warnings.simplefilter("ignore", UntrainedModelWarning)
+            model = create_model(cfg.model.name, **overrides)
+    model.image_trained = True  # trained from here on: validation encodes must not warn
     if getattr(model.config.text, "gradient_checkpointing", False) and model.text.trainable:
         # Reentrant checkpointing only backpropagates into LoRA when the embeddings' output needs grad.
         model.text.llm.enable_input_require_grads()
@@ -155,6 +161,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, model: Any = None)
     acc.wait_for_everyone()
     set_seed(cfg.seed)  # identical initialisation on every rank
     model = build_model(cfg) if model is None else model.train()
+    model.image_trained = True  # its image side is trained from here on (no untrained-model warning)
     stream = TrainStream(cfg.data, model, acc, cfg.seed, progress=cfg.progress,
                          log_dir=str(out_dir / "skips") if acc.is_main_process else None)
     description = run_description(cfg, setup)
