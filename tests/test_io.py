@@ -160,3 +160,35 @@ def test_save_pretrained_survives_a_kill_between_its_renames(tmp_path: Path, tin
     tiny_model.save_pretrained(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert lexvla.load(out).fingerprint() == tiny_model.fingerprint()
+
+
+_CACHE_BUILDER = textwrap.dedent("""
+    import sys, time, torch
+    from lexvla.data import TextVectorCache
+    def slow(captions):
+        print("computing", flush=True)
+        time.sleep(2)
+        return torch.ones(len(captions), 3)
+    TextVectorCache(sys.argv[1], ["a red circle", "teal"], slow, text_key="k")
+""")
+
+
+def test_a_shared_cache_is_built_by_one_process_the_other_waits_and_reuses_it(tmp_path: Path) -> None:
+    import torch
+
+    from lexvla.data import TextVectorCache
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    builder = subprocess.Popen([sys.executable, "-c", _CACHE_BUILDER, str(tmp_path)], stdout=subprocess.PIPE,
+                               text=True, env=env)
+    assert builder.stdout.readline().strip() == "computing"
+    calls: list[list[str]] = []
+
+    def fast(captions: list[str]) -> torch.Tensor:
+        calls.append(captions)
+        return torch.zeros(len(captions), 3)
+
+    cache = TextVectorCache(tmp_path, ["a red circle", "teal"], fast, text_key="k")
+    assert builder.wait(60) == 0
+    assert calls == []  # it waited for the other builder and reused its cache
+    assert cache.vectors(["teal"]).tolist() == [[1.0, 1.0, 1.0]]

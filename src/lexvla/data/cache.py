@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from lexvla.data.sources import Pair, PairRecord, Skipped, SkipStats
-from lexvla.io import atomic_save_npy, atomic_write_text
+from lexvla.io import WriterLock, atomic_save_npy, atomic_write_text, clean_stale_tmp
 
 logger = logging.getLogger(__name__)
 
@@ -254,6 +254,18 @@ def build_cache(
         logger.info("cache hit: %s (%d rows)", folder, len(store))
         return BuildResult(store=store, computed_rows=0, reused_rows=len(store), skips=store.skips)
     folder.mkdir(parents=True, exist_ok=True)
+    # One builder per cache folder (the cache is shared): a second process waits, then finds it built.
+    with WriterLock(folder, what="the cache", timeout=6 * 3600):
+        if (folder / INDEX_FILE).is_file():
+            store = ArrayStore(folder)
+            return BuildResult(store=store, computed_rows=0, reused_rows=len(store), skips=store.skips)
+        clean_stale_tmp(folder)
+        return _build_cache_locked(folder, key, kind, items, compute, batch_size, chunk_bytes, skips, progress)
+
+
+def _build_cache_locked(folder: Path, key: CacheKey, kind: str, items: Iterable[Any], compute: Callable,
+                        batch_size: int, chunk_bytes: int, skips: SkipStats | None,
+                        progress: Callable[[int], None] | None) -> BuildResult:
     atomic_write_text(folder / KEY_FILE, json.dumps(asdict(key), indent=1))
     writer = _ChunkWriter(folder, key, chunk_bytes)
     if writer.reused:
