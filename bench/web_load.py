@@ -38,9 +38,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(index: str, model: str, port: int, log: Path) -> subprocess.Popen:
+def start_server(index: str, model: str, port: int, log: Path, extra: list[str] | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "lexvla.cli", "serve", index, "--model", model, "--host", "127.0.0.1",
-           "--port", str(port)]
+           "--port", str(port), *(extra or [])]
     with open(log, "w") as f:
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -57,10 +57,30 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float, log: Pat
     raise SystemExit(f"no answer from {url} within {timeout:.0f} s")
 
 
-def run_load(url: str, n_requests: int, concurrency: int, k: int, warmup: int) -> dict:
+def query_text(i: int, unique: bool) -> str:
+    """The i-th query; with ``unique`` every request is a new text (no query-vector cache hits)."""
+    return f"{QUERIES[i % len(QUERIES)]} {i}" if unique else QUERIES[i % len(QUERIES)]
+
+
+def run_load(url: str, n_requests: int, concurrency: int, k: int, warmup: int, unique: bool = False,
+             info_probe: bool = False) -> dict:
     with httpx.Client(timeout=60) as c:
         for i in range(warmup):
-            c.get(f"{url}/api/search", params={"q": QUERIES[i % len(QUERIES)], "k": k}).raise_for_status()
+            c.get(f"{url}/api/search", params={"q": query_text(-1 - i, unique), "k": k}).raise_for_status()
+    info_ms: list[float] = []
+    info_errors = [0]
+    stop = threading.Event()
+
+    def probe() -> None:  # /api/info while the searches run: must not wait behind them
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    c.get(f"{url}/api/info").raise_for_status()
+                except httpx.HTTPError:
+                    info_errors[0] += 1
+                info_ms.append((time.perf_counter() - t0) * 1000)
+                time.sleep(0.02)
     latencies = np.zeros(n_requests)
     server_ms = np.zeros(n_requests)
     status = np.zeros(n_requests, dtype=int)
@@ -76,7 +96,7 @@ def run_load(url: str, n_requests: int, concurrency: int, k: int, warmup: int) -
                     return
                 t0 = time.perf_counter()
                 try:
-                    r = c.get(f"{url}/api/search", params={"q": QUERIES[i % len(QUERIES)], "k": k})
+                    r = c.get(f"{url}/api/search", params={"q": query_text(i, unique), "k": k})
                     status[i] = r.status_code
                     if r.status_code == 200:
                         server_ms[i] = r.json()["took_ms"]
@@ -85,19 +105,30 @@ def run_load(url: str, n_requests: int, concurrency: int, k: int, warmup: int) -
                 latencies[i] = time.perf_counter() - t0
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    prober = threading.Thread(target=probe) if info_probe else None
     t0 = time.perf_counter()
     for t in threads:
         t.start()
+    if prober:
+        prober.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    stop.set()
+    if prober:
+        prober.join()
     ok = status == 200
     ms = latencies * 1000
     return {"requests": n_requests, "concurrency": concurrency, "k": k, "errors": int((~ok).sum()),
             "seconds": round(wall, 3), "requests_per_s": round(n_requests / wall, 2),
             "latency_ms": {"p50": round(float(np.percentile(ms, 50)), 1), "p95": round(float(np.percentile(ms, 95)), 1),
                            "p99": round(float(np.percentile(ms, 99)), 1), "max": round(float(ms.max()), 1)},
-            "server_search_ms_p50": round(float(np.median(server_ms[ok])), 1) if ok.any() else None}
+            "server_search_ms_p50": round(float(np.median(server_ms[ok])), 1) if ok.any() else None,
+            "unique_queries": unique,
+            **({"info_probe": {"requests": len(info_ms), "errors": info_errors[0],
+                               "p50_ms": round(float(np.percentile(info_ms, 50)), 1),
+                               "p95_ms": round(float(np.percentile(info_ms, 95)), 1),
+                               "max_ms": round(float(np.max(info_ms)), 1)}} if info_probe and info_ms else {})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=24)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument("--concurrency-list", default=None,
+                   help="several runs against one server, e.g. 1,8,32 (overrides --concurrency)")
+    p.add_argument("--unique", action="store_true", help="a new query text per request (defeats the query cache)")
+    p.add_argument("--info-probe", action="store_true", help="also time GET /api/info during the load")
+    p.add_argument("--serve-args", default="", help="extra `lexvla serve` arguments, e.g. '--torch-threads 2'")
     args = p.parse_args(argv)
     if args.requests < 1 or args.concurrency < 1:
         p.error("--requests and --concurrency must be >= 1")
@@ -130,10 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         log = Path(args.index) / "web_load_server.log"
-        proc = start_server(args.index, args.model, port, log)
+        proc = start_server(args.index, args.model, port, log, args.serve_args.split())
     try:
         info = wait_ready(url, proc, 300, log)
-        result = {"info": info, **run_load(url, args.requests, args.concurrency, args.k, args.warmup)}
+        levels = [int(c) for c in args.concurrency_list.split(",")] if args.concurrency_list else [args.concurrency]
+        runs = [run_load(url, args.requests, c, args.k, args.warmup, args.unique, args.info_probe) for c in levels]
+        result = {"info": info, "serve_args": args.serve_args, "loadavg_after": os.getloadavg(),
+                  **(runs[0] if len(runs) == 1 else {"runs": runs, "errors": sum(r["errors"] for r in runs)})}
     finally:
         if proc is not None:
             proc.terminate()

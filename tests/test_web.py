@@ -230,3 +230,58 @@ def test_page_headers_and_host_check_against_dns_rebinding(service, client):
         assert c.get("/api/info").status_code == 200
         assert c.get("/api/info", headers={"host": "evil.example:8000"}).status_code == 400
         assert c.get("/api/search", params={"q": "dog"}, headers={"host": "rebind.attacker.test"}).status_code == 400
+
+
+QUERIES = ["a red circle", "blue square", "a green circle on white", "gray", "yellow square", "a circle"]
+
+
+def _hits(res):
+    return [(h.id, h.score, [(w.word, w.contribution) for w in h.explanation.words]) for h in res.hits]
+
+
+def test_batched_queries_return_what_single_ones_do(web_index, tiny_model):
+    """Concurrent text queries encoded in one model call give the same hits, ranks and words as one by one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    index = SparseIndex.open(web_index[0])
+    single = SearchService(tiny_model, index, WebConfig(query_cache=0, batch_size=1, default_k=4))
+    batched = SearchService(tiny_model, index, WebConfig(query_cache=0, batch_size=8, batch_wait_ms=2000,
+                                                         default_k=4))
+    batched.batcher._expect = lambda: len(QUERIES)  # wait for all of them: one batch, deterministically
+    try:
+        alone = [_hits(single.search_text(q)) for q in QUERIES]
+        with ThreadPoolExecutor(len(QUERIES)) as pool:
+            together = [_hits(r) for r in pool.map(batched.search_text, QUERIES)]
+        assert batched.batcher.batches == 1 and batched.batcher.encoded == len(QUERIES)
+        assert single.batcher.batches == len(QUERIES)
+        # Same hits in the same order with the same words; numbers equal to float32 rounding (a batched
+        # matrix product rounds the last bit differently from a one-row one: ~1e-8 on weights ~0.06).
+        for t, a in zip(together, alone):
+            assert [h[0] for h in t] == [h[0] for h in a]
+            for (_, ts, tw), (_, as_, aw) in zip(t, a):
+                assert ts == pytest.approx(as_, rel=1e-6)
+                assert [w for w, _ in tw] == [w for w, _ in aw]
+                np.testing.assert_allclose([c for _, c in tw], [c for _, c in aw], rtol=1e-5)
+    finally:
+        single.close()
+        batched.close()
+        index.close()
+
+
+def test_query_vectors_are_cached_and_only_shown_words_are_built(web_index, tiny_model):
+    index = SparseIndex.open(web_index[0])
+    svc = SearchService(tiny_model, index, WebConfig(tile_words=2, default_k=4))
+    try:
+        with TestClient(create_app(svc)) as c:
+            short = c.get("/api/search", params={"q": "a red circle"}).json()
+            full = c.get("/api/search", params={"q": "a red circle", "all_words": "true"}).json()
+        assert svc.batcher.encoded == 1, "the second request reuses the cached query vector"
+        assert [h["id"] for h in short["hits"]] == [h["id"] for h in full["hits"]]
+        for s, f in zip(short["hits"], full["hits"]):
+            assert len(s["words"]) == min(2, f["n_shared_words"]) and s["n_shared_words"] == f["n_shared_words"]
+            assert len(f["words"]) == f["n_shared_words"]
+            assert s["words"] == f["words"][:2] and s["score"] == f["score"]
+            assert sum(w["contribution"] for w in f["words"]) == pytest.approx(f["score"], rel=1e-6)
+    finally:
+        svc.close()
+        index.close()

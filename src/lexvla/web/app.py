@@ -7,6 +7,7 @@ path tricks and nothing from the URL is ever joined to a file path.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from importlib import resources
@@ -96,7 +97,7 @@ def _url(path: str, **params: str) -> str:
     return f"{API}/{path}?{urlencode(params)}"
 
 
-def _hit_out(hit, n_words: int, caption: bool = False) -> HitOut:
+def _hit_out(hit, n_words: int | None, caption: bool = False) -> HitOut:
     words = [Contribution(word=w.word, query_weight=w.query_weight, doc_weight=w.doc_weight,
                           contribution=w.contribution) for w in hit.explanation.top(n_words)]
     return HitOut(rank=hit.rank, id=hit.id, score=hit.score, words=words, n_shared_words=hit.explanation.n_shared,
@@ -104,8 +105,8 @@ def _hit_out(hit, n_words: int, caption: bool = False) -> HitOut:
                   image_url=None if caption else _url("image", id=hit.id))
 
 
-def _search_out(res: SearchResult, service: SearchService) -> SearchOut:
-    n = service.config.tile_words
+def _search_out(res: SearchResult, service: SearchService, all_words: bool = False) -> SearchOut:
+    n = None if all_words else service.config.tile_words
     return SearchOut(kind=res.kind, query=res.query,
                      query_words=[WordWeight(word=w, weight=s) for w, s in res.query_words],
                      hits=[_hit_out(h, n) for h in res.hits], captions=[_hit_out(h, n, True) for h in res.captions],
@@ -175,29 +176,48 @@ def create_app(service: SearchService, allowed_hosts: list[str] | None = None) -
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         return response
 
+    async def off_loop(fn, *args):
+        """Run model / index work on the service's bounded worker pool, never on the event loop, and
+        hand back a response already serialised there (so the loop only moves bytes)."""
+        return await asyncio.wrap_future(service.submit(fn, *args))
+
+    def json_bytes(model: BaseModel) -> Response:
+        return Response(model.model_dump_json(), media_type="application/json")
+
     @app.get(f"{API}/info", response_model=InfoOut, tags=["index"])
-    def info() -> InfoOut:
-        """The model and index being served, and the app's limits."""
+    async def info() -> InfoOut:
+        """The model and index being served, and the app's limits (answered on the event loop: it never
+        waits behind searches)."""
         return InfoOut(model=service.model_name, items=service.n_items(), captions=service.has_captions,
                        vocabulary=service.index.dim, backend=service.index.backend_name,
                        max_upload_bytes=config.max_upload_bytes, max_k=config.max_k, default_k=config.default_k)
 
     @app.get(f"{API}/search", response_model=SearchOut, responses=errors, tags=["search"])
-    def search(q: str = Query(..., description="text query", max_length=config.max_query_chars),
-               k: int = Query(config.default_k, ge=1, le=config.max_k)) -> SearchOut:
+    async def search(q: str = Query(..., description="text query", max_length=config.max_query_chars),
+                     k: int = Query(config.default_k, ge=1, le=config.max_k),
+                     all_words: bool = Query(False, description="every shared word of every hit, not only the "
+                                                                "shown ones")) -> Response:
         """Text -> images. Every hit lists its shared words by contribution (query x image weight)."""
-        return _search_out(service.search_text(q, k), service)
+        return await off_loop(lambda: json_bytes(_search_out(service.search_text(q, k, all_words), service,
+                                                             all_words)))
 
     @app.post(f"{API}/search/image", response_model=SearchOut,
               responses={**errors, 411: {"model": ErrorOut}, 413: {"model": ErrorOut}, 415: {"model": ErrorOut}},
               tags=["search"])
-    def search_image(file: UploadFile = File(..., description="an image file (JPEG, PNG, GIF, WebP, BMP, TIFF)"),
-                     k: int = Query(config.default_k, ge=1, le=config.max_k)) -> SearchOut:
+    async def search_image(file: UploadFile = File(..., description="an image file (JPEG, PNG, GIF, WebP, BMP, "
+                                                                    "TIFF)"),
+                           k: int = Query(config.default_k, ge=1, le=config.max_k),
+                           all_words: bool = Query(False)) -> Response:
         """Image -> images (and -> captions when the index has them). The type is read from the bytes."""
-        data = file.file.read(config.max_upload_bytes + 1)
-        image = decode_upload(data, config)
+        data = await file.read(config.max_upload_bytes + 1)
         name = (file.filename or "upload")[:100]
-        return _search_out(service.search_image(image, k, name=name), service)
+
+        def run() -> Response:
+            image = decode_upload(data, config)
+            return json_bytes(_search_out(service.search_image(image, k, name=name, all_words=all_words), service,
+                                          all_words))
+
+        return await off_loop(run)
 
     @app.get(f"{API}/item", responses=errors, tags=["items"])
     def item(id: str = Query(..., max_length=1000)) -> dict:
@@ -213,31 +233,35 @@ def create_app(service: SearchService, allowed_hosts: list[str] | None = None) -
         return FileResponse(path, media_type=media, headers={"Cache-Control": "max-age=3600"})
 
     @app.get(f"{API}/explain", response_model=ExplainOut, responses=errors, tags=["explain"])
-    def explain(id: str = Query(..., max_length=1000),
-                q: str | None = Query(None, max_length=config.max_query_chars,
-                                      description="text whose patch heat map to compute")) -> ExplainOut:
+    async def explain(id: str = Query(..., max_length=1000),
+                      q: str | None = Query(None, max_length=config.max_query_chars,
+                                            description="text whose patch heat map to compute")) -> Response:
         """An image's words, its patches' top words and (with ``q``) which patches the text lights up."""
-        expl = service.explain(id, q)
-        match = None
-        if expl.texts:
-            t = expl.texts[0]
-            match = TextMatchOut(text=t.text, score=t.score, shared_words=_ww(t.shared_words[:20]),
-                                 patch_scores=t.patch_scores.tolist(),
-                                 heatmap_url=_url("picture", id=id, kind="heatmap", q=t.text))
-        extra = {"q": expl.texts[0].text} if expl.texts else {}  # reuse this explanation for the pictures
-        return ExplainOut(id=id, active_words=expl.active_words, words=_ww(expl.words[:40]), grid=list(expl.grid),
-                          patch_words=[_ww(pw) for pw in expl.patch_words], query=match,
-                          image_url=_url("image", id=id),
-                          wordcloud_url=_url("picture", id=id, kind="wordcloud", **extra),
-                          patches_url=_url("picture", id=id, kind="patches", **extra))
+
+        def run() -> Response:
+            expl = service.explain(id, q)
+            match = None
+            if expl.texts:
+                t = expl.texts[0]
+                match = TextMatchOut(text=t.text, score=t.score, shared_words=_ww(t.shared_words[:20]),
+                                     patch_scores=t.patch_scores.tolist(),
+                                     heatmap_url=_url("picture", id=id, kind="heatmap", q=t.text))
+            extra = {"q": expl.texts[0].text} if expl.texts else {}  # reuse this explanation for the pictures
+            return json_bytes(ExplainOut(
+                id=id, active_words=expl.active_words, words=_ww(expl.words[:40]), grid=list(expl.grid),
+                patch_words=[_ww(pw) for pw in expl.patch_words], query=match, image_url=_url("image", id=id),
+                wordcloud_url=_url("picture", id=id, kind="wordcloud", **extra),
+                patches_url=_url("picture", id=id, kind="patches", **extra)))
+
+        return await off_loop(run)
 
     @app.get(f"{API}/picture", responses={**errors, 200: {"content": {"image/png": {}}}}, tags=["explain"])
-    def picture(id: str = Query(..., max_length=1000),
-                kind: str = Query(..., pattern="^(wordcloud|patches|heatmap)$"),
-                q: str | None = Query(None, max_length=config.max_query_chars)) -> Response:
+    async def picture(id: str = Query(..., max_length=1000),
+                      kind: str = Query(..., pattern="^(wordcloud|patches|heatmap)$"),
+                      q: str | None = Query(None, max_length=config.max_query_chars)) -> Response:
         """PNG: the image's word cloud, its patch-word grid, or the heat map of text ``q``."""
-        return Response(service.picture(id, kind, q), media_type="image/png",
-                        headers={"Cache-Control": "max-age=3600"})
+        png = await off_loop(service.picture, id, kind, q)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     static = resources.files("lexvla.web") / "static"
     index_html = (static / "index.html").read_text(encoding="utf-8")

@@ -25,9 +25,16 @@ def _serve(args: argparse.Namespace) -> int:
     if args.host not in LOOPBACK:
         logger.warning("serving on %s: anyone who can reach this address can search the index and see "
                        "its images (there is no authentication)", args.host)
+    if args.torch_threads > 0:
+        import torch
+
+        # One intra-op thread per model call by default: on a shared machine more threads than free cores
+        # make every encode wait for the slowest (docs/web.md measures it); requests run side by side instead.
+        torch.set_num_threads(args.torch_threads)
     index = SparseIndex.open(args.index, backend=args.backend)
     model = create_model(args.model).eval()
-    config = WebConfig(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+    config = WebConfig(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), workers=args.workers,
+                       batch_size=args.batch_size, query_cache=args.query_cache)
     service = SearchService(model, index, config, model_name=str(args.model))
     # Bound to loopback: accept only loopback Host headers (no DNS rebinding from a web page).
     hosts = ["127.0.0.1", "localhost", "[::1]", "::1"] if args.host in LOOPBACK else None
@@ -37,6 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
+        service.close()
         index.close()
     return 0
 
@@ -49,4 +57,8 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--backend", default=None, help="search backend (default: the index's own)")
     p.add_argument("--max-upload-mb", type=float, default=8.0, help="largest accepted upload")
+    p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--workers", type=int, default=8, help="searches run at once (the rest queue)")
+    p.add_argument("--batch-size", type=int, default=8, help="concurrent text queries encoded together at most")
+    p.add_argument("--query-cache", type=int, default=512, help="query vectors kept (0: no cache)")
     p.set_defaults(func=_serve)

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import io
 import logging
+import queue
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,14 @@ class WebConfig:
     max_k: int = 100
     tile_words: int = 6  # matching words shown per result tile
     cache_items: int = 64  # explained items kept in memory (patch vectors + pictures)
+    # Query path (docs/web.md measures each): concurrent text queries are encoded together, at most
+    # batch_size per model call, the first waiting at most batch_wait_ms for others while more searches
+    # are in flight; encoded query vectors are cached (query_cache entries, 0: off); model and index work
+    # runs on `workers` threads, never on the server's event loop, so /api/info does not wait behind it.
+    batch_size: int = 8
+    batch_wait_ms: float = 3.0
+    query_cache: int = 512
+    workers: int = 8
     upload_formats: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 
     def __post_init__(self) -> None:
@@ -69,6 +79,8 @@ class WebConfig:
             raise ValueError(f"need 1 <= default_k ({self.default_k}) <= max_k ({self.max_k})")
         if self.max_query_chars < 1 or self.tile_words < 1 or self.cache_items < 1:
             raise ValueError("max_query_chars, tile_words and cache_items must be >= 1")
+        if self.batch_size < 1 or self.workers < 1 or self.query_cache < 0 or self.batch_wait_ms < 0:
+            raise ValueError("batch_size and workers must be >= 1, query_cache and batch_wait_ms >= 0")
         unknown = set(self.upload_formats) - set(IMAGE_MEDIA_TYPES)
         if unknown:
             raise ValueError(f"upload_formats {sorted(unknown)} not supported; choose from {sorted(IMAGE_MEDIA_TYPES)}")
@@ -112,6 +124,70 @@ class _LRU:
         return value
 
 
+class QueryBatcher:
+    """Encodes the query texts of concurrent requests together: one model call for up to ``batch_size``.
+
+    A request hands its text to :meth:`encode` and waits. One encoder thread takes the first text of
+    the queue and, while other searches are in flight (``expect`` says how many), waits at most
+    ``wait_s`` for more before it runs the model, so a lone request never waits. Each text's vector
+    is its own row of the batch's output (the model encodes rows independently).
+    """
+
+    def __init__(self, encode: Callable[[list[str]], Any], batch_size: int, wait_s: float,
+                 expect: Callable[[], int] = lambda: 1) -> None:
+        self._encode = encode
+        self.batch_size = batch_size
+        self.wait_s = wait_s
+        self._expect = expect
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.batches = 0  # model calls made (for tests and logs)
+        self.encoded = 0  # texts encoded
+        self._thread = threading.Thread(target=self._run, name="lexvla-query-encoder", daemon=True)
+        self._thread.start()
+
+    def encode(self, text: str) -> Any:
+        done: Future = Future()
+        self._queue.put((text, done))
+        return done.result()
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.wait_s
+            while len(batch) < self.batch_size:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._expect() <= len(batch):  # nobody else is coming
+                        break
+                    try:
+                        item = self._queue.get(timeout=left)
+                    except queue.Empty:
+                        break
+                if item is None:  # closed while collecting: finish this batch, then stop
+                    self._queue.put(None)
+                    break
+                batch.append(item)
+            texts = list(dict.fromkeys(t for t, _ in batch))
+            try:
+                rows = self._encode(texts)
+                by_text = {t: rows[i] for i, t in enumerate(texts)}
+                self.batches += 1
+                self.encoded += len(texts)
+                for t, done in batch:
+                    done.set_result(by_text[t])
+            except BaseException as err:  # noqa: BLE001 - every waiting request gets the error
+                for _, done in batch:
+                    done.set_exception(err)
+
+
 @dataclass
 class SearchResult:
     """Hits of one query (images, and captions when the index holds a caption collection)."""
@@ -138,9 +214,46 @@ class SearchService:
         self._render_lock = threading.Lock()  # matplotlib's font/text caches are shared state
         self._explanations = _LRU(self.config.cache_items)
         self._pictures = _LRU(self.config.cache_items * 3)
+        self._query_vectors = _LRU(max(self.config.query_cache, 1))
         self.has_captions = index.has_collection("texts")
         with self._index_lock:
-            index.sync()
+            index.sync()  # loads what searches read (postings, stored vectors, ids) now, not at the first query
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(self.config.workers, thread_name_prefix="lexvla-web")
+        self.batcher = QueryBatcher(self._encode_texts, self.config.batch_size, self.config.batch_wait_ms / 1000,
+                                    expect=lambda: self._in_flight)
+
+    def close(self) -> None:
+        """Stop the worker threads (the index is the caller's to close)."""
+        self.batcher.close()
+        self.pool.shutdown(wait=False)
+
+    def _encode_texts(self, texts: list[str]) -> list[Any]:
+        """Texts -> their query vectors (1 x V CSR rows), sparsified as the index does, in one model call."""
+        with torch.inference_mode():
+            vectors = self.model.encode_text(texts, batch_size=max(len(texts), 1)).vectors
+        q = self.index.prepare_queries(vectors)
+        return [q[i] for i in range(q.shape[0])]
+
+    def text_vector(self, text: str) -> Any:
+        """A query text's vector: from the cache, else encoded (batched with concurrent queries)."""
+        if self.config.query_cache == 0:
+            return self.batcher.encode(text)
+        return self._query_vectors.get_or_compute(text, lambda: self.batcher.encode(text))
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run ``fn`` on the bounded worker pool, counting it as in flight (the batcher's hint)."""
+        def run() -> Any:
+            with self._in_flight_lock:
+                self._in_flight += 1
+            try:
+                return fn(*args)
+            finally:
+                with self._in_flight_lock:
+                    self._in_flight -= 1
+
+        return self.pool.submit(run)
 
     # -- items --------------------------------------------------------------------------------------
     def n_items(self) -> int:
@@ -177,12 +290,16 @@ class SearchService:
             raise ValueError(f"k must be between 1 and {self.config.max_k}, got {k}")
         return k
 
-    def _query_words(self, vectors: torch.Tensor) -> list[tuple[str, float]]:
-        q = self.index.prepare_queries(vectors)
+    def _query_words(self, q: Any) -> list[tuple[str, float]]:
+        q = self.index.prepare_queries(q)
         order = q.data.argsort()[::-1][:20]
         return [(self.index.vocab.words[int(q.indices[j])], float(q.data[j])) for j in order]
 
-    def search_text(self, text: str, k: int | None = None) -> SearchResult:
+    def _words(self, all_words: bool) -> int | None:
+        return None if all_words else self.config.tile_words
+
+    def search_text(self, text: str, k: int | None = None, all_words: bool = False) -> SearchResult:
+        """Text -> images. Hits carry the shown number of words (``tile_words``) unless ``all_words``."""
         text = " ".join(text.split())
         if not text:
             raise ValueError("the query is empty")
@@ -190,22 +307,24 @@ class SearchService:
             raise ValueError(f"the query has {len(text)} characters; the limit is {self.config.max_query_chars}")
         k = self._check_k(k)
         t0 = time.perf_counter()
-        with torch.no_grad():
-            vectors = self.model.encode_text([text]).vectors
+        q = self.text_vector(text)
         with self._index_lock:
-            hits = self.index.search_vectors(vectors, k)[0]
-            words = self._query_words(vectors)
+            hits = self.index.search_vectors(q, k, words=self._words(all_words))[0]
+            words = self._query_words(q)
         return SearchResult("text", text, words, hits, seconds=time.perf_counter() - t0)
 
-    def search_image(self, image: Image.Image, k: int | None = None, name: str = "upload") -> SearchResult:
+    def search_image(self, image: Image.Image, k: int | None = None, name: str = "upload",
+                     all_words: bool = False) -> SearchResult:
         k = self._check_k(k)
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.inference_mode():
             vectors = self.model.encode_image([image]).vectors
+        n = self._words(all_words)
         with self._index_lock:
-            hits = self.index.search_vectors(vectors, k)[0]
-            captions = self.index.search_vectors(vectors, min(k, 10), "texts")[0] if self.has_captions else []
-            words = self._query_words(vectors)
+            q = self.index.prepare_queries(vectors)
+            hits = self.index.search_vectors(q, k, words=n)[0]
+            captions = self.index.search_vectors(q, min(k, 10), "texts", words=n)[0] if self.has_captions else []
+            words = self._query_words(q)
         return SearchResult("image", name, words, hits, captions, time.perf_counter() - t0)
 
     # -- explanations and pictures ------------------------------------------------------------------
