@@ -73,3 +73,14 @@ def test_every_consumer_reads_the_same_manifest(manifest):
     assert [c.id for c in read_captions(manifest)] == ids
     assert [i.id for i in collect_images(manifest)] == ["a", "b", "2.png"]
     assert [e.target for e in cal_manifest(manifest)] == [r.caption for r in read_manifest(manifest)]
+
+
+def test_contact_sheet_spreads_over_images(tmp_path, manifest):
+    from lexvla.data.sheet import contact_sheet, spread
+
+    recs = read_manifest(manifest)
+    picked = spread(recs, 2)
+    assert [r.image_id for r in picked] == ["0.png", "2.png"]  # first and last image, first caption each
+    out = contact_sheet([(Image.open(r.image), r.caption) for r in picked], tmp_path / "s.png", cols=2, tile=32)
+    with Image.open(out) as im:
+        assert im.size == (2 * 32 + 3 * 4, 32 + 30 + 4)

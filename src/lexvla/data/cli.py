@@ -180,6 +180,33 @@ def _collages(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sheet(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from lexvla.data.sheet import contact_sheet, mask_overlay, spread
+
+    if args.dataset == "emoji-collages":
+        from lexvla.data.collages import CollageConfig, CollageSet
+
+        cs = CollageSet(CollageConfig(split=args.split or "test", count=max(args.n // 2, 1)))
+        tiles = []
+        for i in range(len(cs)):
+            c = cs[i]
+            tiles.append((Image.fromarray(c.image), ", ".join(cs.class_names[p.label] for p in c.placements)))
+            tiles.append((mask_overlay(c.image, c.mask), "mask (grey = ignore)"))
+    else:
+        from lexvla.train.config import DataSection
+        from lexvla.train.data import SourceContext, build_source
+
+        options = {"split": args.split} if args.split else {}
+        source = build_source(DataSection(source=args.dataset, options=options), SourceContext(0, 1, 0, None))
+        tiles = [(Image.open(str(r.image)), r.caption) for r in spread(source.pair_records(), args.n)]
+    title = args.title or f"{args.dataset} ({args.split or 'default split'})"
+    out = contact_sheet(tiles, args.out, cols=args.cols, title=title)
+    _out(f"{out}: {len(tiles)} tiles")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     data = subparsers.add_parser("data", help="datasets: fetch (emoji, ...), easy-vqa, source checks, feature caches")
     sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
@@ -212,6 +239,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--root", help="prepared emoji folder (default: the cache's)")
     p.add_argument("--out", required=True, help="folder to write")
     p.set_defaults(func=_collages)
+
+    p = sub.add_parser("sheet", help="a contact sheet PNG of a data set (images with their first caption)")
+    p.add_argument("dataset", help="a train source name (emoji-noto, clipart, fashion-mnist, ...) or emoji-collages")
+    p.add_argument("--split", help="split (default: the source's default)")
+    p.add_argument("--n", type=int, default=32, help="number of tiles")
+    p.add_argument("--cols", type=int, default=8)
+    p.add_argument("--title", help="heading (default: data set and split)")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.set_defaults(func=_sheet)
 
     p = sub.add_parser("check", help="read every sample of a source and report what would be skipped")
     add_source_arguments(p)
