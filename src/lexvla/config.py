@@ -209,7 +209,9 @@ class LexVLAConfig:
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        from .io import atomic_write_json
+
+        atomic_write_json(path, self.to_dict(), indent=2)
 
     @classmethod
     def load(cls, path: str | Path) -> LexVLAConfig:

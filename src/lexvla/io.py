@@ -40,8 +40,8 @@ __all__ = [
 ]
 
 LOCK_FILE = ".writer.lock"
-# ".name.1234.tmp" (this module), ".name.tmp-1234" (older index stores), ".prefix-tmp-1234..." (seismic).
-_TMP_PATTERNS = (re.compile(r"^\..+\.(\d+)\.tmp$"), re.compile(r"^\..+\.tmp-(\d+)$"),
+# ".name.1234.tmp[.suffix]" (this module; a library may append its suffix), ".name.tmp-1234" (older index stores), ".prefix-tmp-1234..." (seismic).
+_TMP_PATTERNS = (re.compile(r"^\..+\.(\d+)\.tmp(\..+)?$"), re.compile(r"^\..+\.tmp-(\d+)$"),
                  re.compile(r"^\..+-tmp-(\d+)(\..*)?$"))
 
 

@@ -121,7 +121,9 @@ class Vocabulary:
                    dict(data.get("filter", {})))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()))
+        from .io import atomic_write_json
+
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:

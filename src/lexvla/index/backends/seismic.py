@@ -25,6 +25,7 @@ import scipy.sparse as sp
 
 from lexvla.index.backends.base import Candidates, SearchBackend, quiet_stdout, read_state, register_backend
 from lexvla.index.store import VectorStore, atomic_write_text, file_sha256
+from lexvla.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -154,9 +155,9 @@ class SeismicBackend(SearchBackend):
                                         (docs.data * self._scale).astype(np.float32),
                                         docs.indptr.astype(np.int64))
             index = self._index_cls.build_from_dataset(dataset, num_threads=self.threads, **params)
-            tmp = self.store.directory / f".{self.PREFIX}-tmp-{os.getpid()}"
-            index.save(str(tmp))
-        os.replace(f"{tmp}.index.seismic", self._file)
+            with atomic_path(self._file) as tmp:  # fsynced and renamed into place, like every index file
+                index.save(str(tmp))  # Seismic appends its own suffix
+                os.replace(f"{tmp}.index.seismic", tmp)
         self._index = index
         logger.info("seismic: built index of %d rows in %.1fs with %d threads (%s)", len(live_rows),
                     time.perf_counter() - t0, self.threads, params)
