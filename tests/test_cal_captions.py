@@ -194,7 +194,7 @@ def test_caption_experiment_tiny(tmp_path):
     register(parser.add_subparsers(dest="command"))
     ckpt = res["runs"][-1]["checkpoint"]
     args = parser.parse_args(["cal", "inspect", "--checkpoint", ckpt, "--manifest", str(tmp_path / "seed0" / "heldout.jsonl"),
-                              "--top", "3", "--output", str(tmp_path / "ranked")])
+                              "--top", "3", "--out", str(tmp_path / "ranked")])
     assert args.func(args) == 0
     ranked = [json.loads(x) for x in (tmp_path / "ranked.jsonl").read_text().splitlines()]
     assert len(ranked) == 12 and [r["score"] for r in ranked] == sorted(r["score"] for r in ranked)

@@ -220,7 +220,7 @@ def _run_cli(argv: list[str]) -> int:
 def test_cli_inspect_writes_heat_map(tmp_path, images, capsys, parts):
     make_vlm(parts).save_pretrained(tmp_path / "ckpt")
     rc = _run_cli(["cal", "inspect", "--checkpoint", str(tmp_path / "ckpt"), "--image", images[0],
-                   "--text", "a red square", "--text", "a blue circle", "--output", str(tmp_path / "heat")])
+                   "--text", "a red square", "--text", "a blue circle", "--out", str(tmp_path / "heat")])
     assert rc == 0
     html = (tmp_path / "heat.html").read_text()
     assert "red" in html and "circle" in html and "data:image/png;base64," in html
@@ -231,7 +231,7 @@ def test_cli_inspect_writes_heat_map(tmp_path, images, capsys, parts):
                                   zip(images, ["a red square", "a blue square", "a cat", "a gray square"],
                                       strict=True)))
     rc = _run_cli(["cal", "inspect", "--checkpoint", str(tmp_path / "ckpt"), "--manifest", str(manifest),
-                   "--top", "2", "--output", str(tmp_path / "rank")])
+                   "--top", "2", "--out", str(tmp_path / "rank")])
     rows = [json.loads(x) for x in (tmp_path / "rank.jsonl").read_text().splitlines()]
     assert rc == 0 and len(rows) == 4
     assert [r["score"] for r in rows] == sorted(r["score"] for r in rows)  # most contradicted word first

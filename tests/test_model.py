@@ -167,3 +167,17 @@ def test_long_caption_is_cut_but_the_prompt_ending_stays(tiny_model):
     assert batch["input_ids"].shape[1] <= text.cfg.max_length
     decoded = text.tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True)
     assert decoded.rstrip().endswith('means in one word:')
+
+
+def test_encoding_keeps_no_autograd_graph_unless_asked(tiny_model):
+    """encode_image / encode_text / similarity run under inference mode (a big set holds no graphs);
+    grad=True keeps gradients, and forward (training) always does."""
+    img = tiny_model.encode_image(_images(2), return_patches=True)
+    txt = tiny_model.encode_text(["a red circle", "a blue square"])
+    sim = tiny_model.similarity(img, txt)
+    for t in (img.vectors, img.patch_vectors, txt.vectors, sim):
+        assert t.grad_fn is None and not t.requires_grad
+    assert tiny_model.encode_text(["a cat"], grad=True).vectors.requires_grad
+    assert tiny_model.encode_image(_images(1), grad=True).vectors.requires_grad
+    out = tiny_model(texts=["a cat", "a dog"], pixels=_images(2))
+    assert out.image.vectors.requires_grad and out.text.vectors.grad_fn is not None

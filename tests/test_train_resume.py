@@ -75,7 +75,7 @@ _ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def _cmd(config: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "lexvla.train", "--config", str(config), "--output-dir", str(out)]
+    return [sys.executable, "-m", "lexvla.train", "--config", str(config), "--out", str(out)]
 
 
 def _losses(run: Path) -> dict[int, float]:

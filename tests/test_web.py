@@ -211,7 +211,7 @@ def test_serve_command_binds_loopback_by_default():
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     args = parser.parse_args(["serve", "idx"])
-    assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, "lexvla-embedded")
+    assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, None)  # None: the index's own model
 
 
 def test_web_config_is_validated():
@@ -285,3 +285,21 @@ def test_query_vectors_are_cached_and_only_shown_words_are_built(web_index, tiny
     finally:
         svc.close()
         index.close()
+
+
+def test_serve_uses_the_model_the_index_records(tmp_path, tiny_model):
+    from lexvla._cli import ModelSpec
+    from lexvla.index import SparseIndex
+    from lexvla.web.cli import model_spec
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (200, 20, 20)).save(folder / "red.png")
+    recorded = "lexvla-tiny mapper.margin=2.0"  # the spelling `lexvla index build --model ...` was given
+    build_index(tiny_model, folder, out=tmp_path / "idx", progress=False, model_source=recorded)
+    with SparseIndex.open(tmp_path / "idx") as index:
+        assert model_spec(None, index) == ModelSpec("lexvla-tiny", (("mapper.margin", 2.0),))
+        assert model_spec(ModelSpec("other"), index).name == "other"  # --model wins
+    build_index(tiny_model, folder, out=tmp_path / "bare", progress=False)
+    with SparseIndex.open(tmp_path / "bare") as index, pytest.raises(ValueError, match="pass --model"):
+        model_spec(None, index)

@@ -1,33 +1,49 @@
-"""The ``lexvla`` command. Each feature area registers its own subcommands (``register(subparsers)``)."""
+"""The ``lexvla`` command. Each feature area registers its own subcommands (``register(subparsers)``).
+
+``lexvla --help`` imports none of them (the table below carries each command's one-line help), and
+``lexvla CMD ...`` imports only the module that owns CMD: torch, transformers and friends load only for
+commands that need them. ``build_parser()`` (no argument) registers everything, for tests and docs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
+import os
 import sys
+import warnings
 
-from lexvla.io import LockedError
+from lexvla._cli import Parser
 
-# Feature modules, each with ``register(subparsers)``; the order is the order in ``lexvla --help``.
-COMMAND_MODULES = (
-    "lexvla.commands",  # encode, words, models
-    "lexvla.demo",
-    "lexvla.data.cli",
-    "lexvla.train.cli",
-    "lexvla.eval.cli",
-    "lexvla.index.cli",
-    "lexvla.viz.cli",
-    "lexvla.web.cli",
-    "lexvla.cal.cli",
-)
+# command -> (module with ``register(subparsers)``, one-line help); the order is that of ``lexvla --help``.
+# tests/test_cli_docs.py checks that each module registers these commands with this help.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("lexvla.commands", "list the model zoo: architecture, weight source, weights present, trained"),
+    "encode": ("lexvla.commands", "top words of images and/or texts"),
+    "demo": ("lexvla.demo", "train LexVLA on the easy-vqa toy set on the CPU and write a report"),
+    "data": ("lexvla.data.cli", "datasets: fetch (emoji, ...), easy-vqa, source checks, feature caches"),
+    "train": ("lexvla.train.cli", "train LexVLA (one process, or under accelerate launch / torchrun)"),
+    "eval": ("lexvla.eval.cli", "zero-shot retrieval, PatchDis, sparsity analysis"),
+    "index": ("lexvla.index.cli", "build and manage a sparse lexical index"),
+    "search": ("lexvla.index.cli", "search an index by text or by image, with explanations"),
+    "explain": ("lexvla.viz.cli", "word cloud, patch words and text heat maps of an image (PNG + HTML)"),
+    "serve": ("lexvla.web.cli", "local web app: explained image search over an index"),
+    "cal": ("lexvla.cal.cli", "CAL: contrastive-alignment token re-weighting for VLM training"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lexvla", description="Interpretable lexical vision-language models.")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug and tracebacks)")
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every command registered, or (``command`` given) only that command's module
+    imported and the other commands as help-only entries."""
+    parser = Parser(prog="lexvla", description="Interpretable lexical vision-language models.")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging: -v info, -vv debug and tracebacks (default: warnings only)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    modules = list(dict.fromkeys(m for m, _ in COMMANDS.values()))
+    if command is not None:
+        modules = [COMMANDS[command][0]] if command in COMMANDS else []
+    for name in modules:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as err:
@@ -35,17 +51,47 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(subparsers)
+    for cmd, (_, text) in COMMANDS.items():
+        if cmd not in subparsers.choices:
+            subparsers.add_parser(cmd, help=text, add_help=False)  # listed in --help; parsed when chosen
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
+def quiet_libraries() -> None:
+    """One output policy for every command: the project's own logging (``-v``) and nothing else —
+    no transformers / hub progress bars, advisory messages or deprecation warnings from dependencies."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        for module in ("transformers", "peft", "huggingface_hub", "accelerate", "torch"):
+            warnings.filterwarnings("ignore", category=category, module=module)
+
+
+def configure_logging(verbose: int) -> None:
+    """The log-level policy: warnings by default, -v info, -vv debug (every command, every area)."""
+    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _command_of(argv: list[str]) -> str | None:
+    for word in argv:
+        if not word.startswith("-"):
+            return word
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_of(argv) or "")
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    configure_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from lexvla.io import LockedError
+
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -5,22 +5,37 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
+from ._cli import add_model_argument
 
 
 def _models(args: argparse.Namespace) -> int:
     from .models import get_config, list_models
+    from .models.zoo import weights_status
 
+    rows = []
     for name in list_models():
         cfg = get_config(name)
-        print(f"{name:32s} backbone={cfg.backbone.name}:{cfg.backbone.source}  llm={cfg.text.source}")
+        status = weights_status(cfg)
+        rows.append({"name": name, "backbone": cfg.backbone.name, "backbone_weights": cfg.backbone.source,
+                     "llm_weights": cfg.text.source, "weights": status,
+                     # a zoo entry is an architecture: its adapter and codebook are trained only in a
+                     # checkpoint (lexvla train -> lexvla.load(dir))
+                     "trained": False})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        w = r["weights"]
+        print(f"{r['name']:30s} backbone {r['backbone']} <- {r['backbone_weights']} ({w['backbone']})\n"
+              f"{'':30s} llm <- {r['llm_weights']} ({w['text']})\n"
+              f"{'':30s} trained: no (untrained adapter; train it, then pass the checkpoint folder as --model)")
     return 0
 
 
 def _encode(args: argparse.Namespace) -> int:
-    from .models import create_model
+    import torch
 
-    model = create_model(args.model).eval()
+    model = args.model.build()
     with torch.no_grad():
         rows = []
         if args.images:
@@ -41,12 +56,14 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("models", help="list the model zoo")
+    p = subparsers.add_parser("models", help="list the model zoo: architecture, weight source, weights present, "
+                                             "trained")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=_models)
     p = subparsers.add_parser("encode", help="top words of images and/or texts")
     p.add_argument("images", nargs="*", help="image files")
     p.add_argument("--text", action="append", default=[], help="a text (repeatable)")
-    p.add_argument("--model", default="lexvla-embedded", help="zoo name or checkpoint folder")
+    add_model_argument(p)
     p.add_argument("-k", type=int, default=15, help="words to show")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_encode)

@@ -48,7 +48,7 @@ def register(subparsers) -> None:
     t.add_argument("--noise", type=float, default=0.0, help="easy-vqa: fraction of answers replaced by wrong ones")
     t.add_argument("--stage", choices=("pretrain", "finetune"), default="pretrain")
     t.add_argument("--init", help="start from this SmallVLM checkpoint (e.g. the stage-1 output's final step)")
-    t.add_argument("--output", required=True, help="run folder (checkpoints/, metrics.jsonl)")
+    t.add_argument("--out", dest="output", required=True, help="run folder (checkpoints/, metrics.jsonl)")
     t.add_argument("--llm", default="embedded:smollm2", help="embedded:smollm2 | local folder | .gguf | random")
     t.add_argument("--llm-layers", type=int, default=None, help="keep the first k LLM layers (CPU budget)")
     t.add_argument("--image-tokens", type=int, default=4, help="image tokens in the LLM sequence (a square)")
@@ -59,7 +59,7 @@ def register(subparsers) -> None:
     t.add_argument("--save-every", type=int, default=0, help="checkpoint every n steps (0: only at the end)")
     t.add_argument("--log-every", type=int, default=10, help="metrics.jsonl record every n steps")
     t.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue from the newest checkpoint in --output (default on)")
+                   help="continue from the newest checkpoint in --out (default on)")
     t.add_argument("--threads", type=int, default=None, help="torch threads")
     _add_cal_args(t)
     t.set_defaults(func=cmd_train)
@@ -77,11 +77,11 @@ def register(subparsers) -> None:
                         "normalised); raw: CAL's unnormalised raw difference on every token (single mode)")
     i.add_argument("--normalise", default="function", choices=("function", "median", "none"),
                    help="per-caption normalisation of the finder signal")
-    i.add_argument("--output", required=True, help="output prefix: PREFIX.html, PREFIX.png (batch: PREFIX.jsonl)")
+    i.add_argument("--out", dest="output", required=True, help="output prefix: PREFIX.html, PREFIX.png (batch: PREFIX.jsonl)")
     i.set_defaults(func=cmd_inspect)
 
     e = sub.add_parser("experiment", help="easy-vqa label-noise experiment, with vs without CAL")
-    e.add_argument("--output", default="runs/cal-easyvqa", help="results folder")
+    e.add_argument("--out", dest="output", default="runs/cal-easyvqa", help="results folder")
     e.add_argument("--noise", type=float, nargs="+", default=None, help="noise rates (default 0 0.2 0.4)")
     e.add_argument("--train-images", type=int, default=None)
     e.add_argument("--test-images", type=int, default=None)
@@ -98,7 +98,7 @@ def register(subparsers) -> None:
     c = sub.add_parser("caption-experiment",
                        help="caption-noise experiment on emoji names + keywords (full SmolLM2 + LoRA), with vs "
                             "without CAL, and the noisy-token finder's ROC AUC")
-    c.add_argument("--output", default="runs/cal-captions-noise", help="results folder")
+    c.add_argument("--out", dest="output", default="runs/cal-captions-noise", help="results folder")
     c.add_argument("--concepts", default=None,
                    help="emoji-noto (default) | emoji-fluent | emoji-openmoji | emoji | a concepts JSONL | fixture")
     c.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lexvla._cli import ModelSpec, add_model_argument
+
 
 def _out(line: str) -> None:
     sys.stdout.write(line + "\n")
@@ -80,14 +82,23 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cache(args: argparse.Namespace) -> int:
-
-    from lexvla.data.cache import cache_backbone_features
+def _backbone(spec: ModelSpec) -> Any:
+    """Only the frozen backbone of ``--model NAME_OR_PATH [key=value ...]`` (no LLM is loaded)."""
+    from lexvla.config import LexVLAConfig
     from lexvla.models import get_config
     from lexvla.models.backbones import create_backbone
+    from lexvla.models.lexvla import CONFIG_FILE
+
+    path = Path(spec.name)
+    cfg = LexVLAConfig.load(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else get_config(spec.name)
+    return create_backbone(cfg.replace(**dict(spec.overrides)).backbone).eval()
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from lexvla.data.cache import cache_backbone_features
 
     source = source_from_args(args)
-    backbone = create_backbone(get_config(args.model).backbone).eval()
+    backbone = _backbone(args.model)
     t0 = time.perf_counter()
     res = cache_backbone_features(args.out, source, backbone, args.dtype, batch_size=args.batch_size)
     _out(f"{res.store.folder}: {len(res.store)} images x {res.store.row_shape} ({res.store.key.dtype}); "
@@ -106,15 +117,13 @@ def _bench_cache(args: argparse.Namespace) -> int:
     from lexvla.data.cache import CachedPairDataset, cache_backbone_features
     from lexvla.data.loader import build_dataloader
     from lexvla.data.sources import FirstPairs
-    from lexvla.models import get_config
-    from lexvla.models.backbones import create_backbone
 
     source = source_from_args(args)
     if args.limit:
         if not hasattr(source, "pair_record"):
             raise ValueError("--limit needs a map-style source (manifest, HF dataset, easy-vqa)")
         source = FirstPairs(source, args.limit)
-    backbone = create_backbone(get_config(args.model).backbone).eval()
+    backbone = _backbone(args.model)
 
     def timed(loader: Any, fn: Any) -> tuple[float, float, int]:
         wall, cpu, n = time.perf_counter(), time.process_time(), 0
@@ -256,7 +265,7 @@ def register(subparsers: Any) -> None:
 
     p = sub.add_parser("cache", help="precompute a model's frozen backbone features for a source")
     add_source_arguments(p)
-    p.add_argument("--model", default="lexvla-embedded", help="zoo name whose backbone to run")
+    add_model_argument(p, help="zoo name or checkpoint folder whose backbone to run")
     p.add_argument("--out", required=True, help="cache root folder")
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     p.add_argument("--batch-size", type=int, default=64)
@@ -264,7 +273,7 @@ def register(subparsers: Any) -> None:
 
     p = sub.add_parser("bench-cache", help="time an epoch with the backbone vs. from the feature cache")
     add_source_arguments(p)
-    p.add_argument("--model", default="lexvla-embedded", help="zoo name whose backbone to run")
+    add_model_argument(p, help="zoo name or checkpoint folder whose backbone to run")
     p.add_argument("--limit", type=int, default=256, help="first N pairs of the source (0 = all)")
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=_bench_cache)

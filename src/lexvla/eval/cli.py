@@ -1,7 +1,4 @@
-"""``lexvla eval {retrieval,patchdis,sparsity}``: argparse wiring for the evaluation commands.
-
-The lead's ``lexvla.cli`` calls :func:`register` with its sub-parsers object.
-"""
+"""``lexvla eval {retrieval,patchdis,sparsity}``: argparse wiring for the evaluation commands."""
 
 from __future__ import annotations
 
@@ -11,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .._cli import ModelSpec, add_model_argument
 from ..sparsification import SPEC_HELP, Sparsification
 from .metrics import TIE_RULES
 from .patchdis import BACKGROUND_MODES, PatchDisConfig
@@ -26,15 +24,12 @@ def _out(text: str) -> None:
     sys.stdout.flush()
 
 
-def _load_model(name: str) -> Any:
-    import lexvla
-
-    model = lexvla.create_model(name)
-    return model.eval() if hasattr(model, "eval") else model
+def _load_model(spec: ModelSpec) -> Any:
+    return spec.build()
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="zoo name (see: lexvla models) or a checkpoint folder")
+    add_model_argument(p, default=None, required=True)
     p.add_argument("--root", type=Path, help="dataset folder (images; VOC root; ...)")
     p.add_argument("--annotations", type=Path, help="annotation file (Karpathy JSON, manifest, COCO JSON)")
     p.add_argument("--split", default=None, help="dataset split (default: test; VOC: val)")
@@ -71,7 +66,7 @@ def run_retrieval(args: argparse.Namespace) -> int:
     from .retrieval import evaluate_retrieval
 
     data, config = _retrieval_inputs(args)
-    result = evaluate_retrieval(_load_model(args.model), data, config, model_name=args.model)
+    result = evaluate_retrieval(_load_model(args.model), data, config, model_name=str(args.model))
     path = result.save(args.out / f"retrieval_{data.name}.json")
     _out(result.table())
     _out(f"results: {path}")
@@ -91,7 +86,7 @@ def run_sparsity(args: argparse.Namespace) -> int:
         mults = [float(x) for x in args.thresholds.split(",")] if args.thresholds else DEFAULT_THRESHOLD_MULTIPLES
         topks = [int(x) for x in args.topks.split(",")] if args.topks else DEFAULT_TOPKS
         settings = sparsity_settings(len(vocab), mults, topks)
-    report = sparsity_analysis(model, data, config, settings, out_dir=args.out, model_name=args.model,
+    report = sparsity_analysis(model, data, config, settings, out_dir=args.out, model_name=str(args.model),
                                top_words=args.top_words)
     path = report.save(args.out / f"sparsity_{data.name}.json")
     _out(report.table())
@@ -111,7 +106,7 @@ def run_patchdis(args: argparse.Namespace) -> int:
                             background_threshold=args.background_threshold,
                             sparsification=Sparsification.parse(args.sparsify), batch_size=args.batch_size,
                             figures=args.figures, progress=not args.no_progress)
-    result = evaluate_patchdis(_load_model(args.model), data, config, out_dir=args.out, model_name=args.model)
+    result = evaluate_patchdis(_load_model(args.model), data, config, out_dir=args.out, model_name=str(args.model))
     path = result.save(args.out / f"patchdis_{data.name}.json")
     _out(result.table())
     _out(f"results: {path}" + (f"; pictures: {', '.join(result.figures)}" if result.figures else ""))
@@ -147,15 +142,3 @@ def register(subparsers: Any) -> None:
     p.add_argument("--figures", type=int, default=4, help="pictures to draw (first N images)")
     p.set_defaults(func=run_patchdis, batch_size=8)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m lexvla.eval.cli eval retrieval ...``) until the lead wires it in."""
-    parser = argparse.ArgumentParser(prog="lexvla")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from lexvla._cli import ModelSpec, add_model_argument
 from lexvla.index.backends import list_backends
 from lexvla.sparsification import SPEC_HELP, Sparsification
 
@@ -41,23 +42,17 @@ def _backend_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def _model_source(name: str) -> str:
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.is_dir() else name
-
-
 @functools.lru_cache(maxsize=2)
 def _create_model(source: str):
-    import lexvla
-
-    return lexvla.create_model(source).eval()
+    return ModelSpec.parse(source).build()
 
 
-def _load_model(source: str | None, index_path: Path):
-    """The model by zoo name or checkpoint folder (cached: commands run in one process share it)."""
+def _load_model(source: ModelSpec | str | None, index_path: Path):
+    """The model from ``--model`` or the spelling the index records (``NAME_OR_PATH [key=value ...]``);
+    cached: commands run in one process share it."""
     if not source:
         raise ValueError(f"the index {index_path} does not record its model; pass --model")
-    return _create_model(source)
+    return _create_model(str(ModelSpec.parse(source)))
 
 
 def _add_backend_args(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -92,12 +87,12 @@ def _build(args: argparse.Namespace) -> int:
     source = args.model
     if source is None and (out / INDEX_FILE).is_file():
         source = SparseIndex.open(out).model_source
-    source = source or "lexvla-embedded"
-    model = _load_model(_model_source(source), out)
+    source = ModelSpec.parse(source or "lexvla-embedded")
+    model = _load_model(source, out)
     report = build_index(model, images=args.images, out=out, backend=args.backend, batch_size=args.batch_size,
                          captions=args.captions, sparsify=args.sparsify,
                          backend_options=_backend_options(args), progress=not args.no_progress,
-                         model_source=_model_source(source), shards=args.shards)
+                         model_source=str(source), shards=args.shards)
     _print_report(report, args.json)
     return 0
 
@@ -109,7 +104,7 @@ def _add(args: argparse.Namespace) -> int:
     index = SparseIndex.open(args.index)
     if args.images is None and args.captions is None and args.shards is None:
         raise ValueError("index add: give --images, --captions and/or --shards")
-    model = _load_model(_model_source(args.model) if args.model else index.model_source, Path(args.index))
+    model = _load_model(args.model or index.model_source, Path(args.index))
     report = build_index(model, images=args.images, out=args.index, backend=index.backend_name,
                          batch_size=args.batch_size, captions=args.captions,
                          backend_options=_backend_options(args), progress=not args.no_progress,
@@ -164,7 +159,7 @@ def _search(args: argparse.Namespace) -> int:
             if not index.has_collection(target):
                 hint = " (build it with --captions)" if target == "texts" else ""
                 raise ValueError(f"the index {args.index} has no {target}{hint}")
-        model = _load_model(_model_source(args.model) if args.model else index.model_source, Path(args.index))
+        model = _load_model(args.model or index.model_source, Path(args.index))
         settings = {"sparsify": args.sparsify}
         for target in targets:
             if args.image:
@@ -193,7 +188,8 @@ def register(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
 
     b = sub.add_parser("build", help="encode images (and captions) into an index; re-run to resume")
-    b.add_argument("--model", help="zoo name or checkpoint folder (default: the index's, else lexvla-embedded)")
+    add_model_argument(b, default=None, help="zoo name or checkpoint folder (default: the index's, else "
+                                             "lexvla-embedded)")
     b.add_argument("--images", help="image folder, manifest (.txt / .jsonl) or a single image")
     b.add_argument("--captions", help="captions for image->text search: .txt (one a line) or .jsonl")
     b.add_argument("--shards", help="WebDataset tar shards of image + caption samples, e.g. 'data/{00000..00099}.tar'")
@@ -211,7 +207,7 @@ def register(subparsers: Any) -> None:
     a.add_argument("--images")
     a.add_argument("--captions")
     a.add_argument("--shards")
-    a.add_argument("--model", help="default: the model the index records")
+    add_model_argument(a, default=None, help="zoo name or checkpoint folder (default: the model the index records)")
     a.add_argument("--batch-size", type=int, default=32)
     a.add_argument("--no-progress", action="store_true")
     a.add_argument("--json", action="store_true")
@@ -238,7 +234,7 @@ def register(subparsers: Any) -> None:
     s.add_argument("--target", choices=("images", "texts"),
                    help="collection to search (default: images; for --image also the captions, if indexed)")
     s.add_argument("-k", type=int, default=10, help="number of hits")
-    s.add_argument("--model", help="default: the model the index records")
+    add_model_argument(s, default=None, help="zoo name or checkpoint folder (default: the model the index records)")
     s.add_argument("--words", type=int, default=5, help="contributing words shown per hit")
     s.add_argument("--sparsify", type=Sparsification.parse, metavar="SPEC",
                    help=f"query sparsification: {SPEC_HELP} (default: as the documents)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -103,21 +104,31 @@ class LexVLA(nn.Module):
         return LexicalOutput(vectors, patches, self.backbone.grid if return_patches else None)
 
     def encode_image(self, images: torch.Tensor | Sequence[ImageInput] | ImageInput,
-                     return_patches: bool = False, batch_size: int = 64) -> LexicalOutput:
-        """Images (paths, PIL images, or a preprocessed (B, 3, H, W) tensor) -> lexical vectors."""
+                     return_patches: bool = False, batch_size: int = 64, grad: bool = False) -> LexicalOutput:
+        """Images (paths, PIL images, or a preprocessed (B, 3, H, W) tensor) -> lexical vectors.
+
+        Runs under ``torch.inference_mode()`` (no autograd graph is kept while a large set is encoded)
+        unless ``grad=True``; training goes through :meth:`forward`, which keeps gradients."""
         self.warn_if_untrained()
-        if not isinstance(images, torch.Tensor):
-            images = [images] if isinstance(images, (str, Path)) or hasattr(images, "mode") else list(images)
-            outs = [self.encode_image(self.preprocess(images[i:i + batch_size]), return_patches)
-                    for i in range(0, len(images), batch_size)]
-            return _concat(outs)
-        return self.encode_image_features(self.image_features(images), return_patches)
+        with _autograd(grad):
+            if not isinstance(images, torch.Tensor):
+                images = [images] if isinstance(images, (str, Path)) or hasattr(images, "mode") else list(images)
+                outs = [self.encode_image(self.preprocess(images[i:i + batch_size]), return_patches, grad=grad)
+                        for i in range(0, len(images), batch_size)]
+                return _concat(outs)
+            return self.encode_image_features(self.image_features(images), return_patches)
 
     # ---------------------------------------------------------------- text side
-    def encode_text(self, texts: Sequence[str] | str, batch_size: int = 64) -> LexicalOutput:
+    def encode_text(self, texts: Sequence[str] | str, batch_size: int = 64, grad: bool = False) -> LexicalOutput:
+        """Texts -> lexical vectors, under ``torch.inference_mode()`` unless ``grad=True`` (see encode_image)."""
+        with _autograd(grad):
+            return self._encode_text(texts, batch_size)
+
+    def _encode_text(self, texts: Sequence[str] | str, batch_size: int) -> LexicalOutput:
         texts = [texts] if isinstance(texts, str) else list(texts)
         if len(texts) > batch_size:
-            return _concat([self.encode_text(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)])
+            return _concat([self._encode_text(texts[i:i + batch_size], batch_size)
+                            for i in range(0, len(texts), batch_size)])
         return LexicalOutput(self.mapper.text(self.text.scores(texts)))
 
     # ---------------------------------------------------------------- training and similarity
@@ -133,16 +144,19 @@ class LexVLA(nn.Module):
         if text_vectors is not None:
             text = LexicalOutput(text_vectors.to(self.device))
         elif texts is not None:
-            text = self.encode_text(texts, batch_size=max(len(texts), 1))
+            text = self._encode_text(texts, batch_size=max(len(texts), 1))  # with gradients (LoRA)
         else:
             raise ValueError("forward needs texts or precomputed text vectors")
         return LexVLAOutput(image=image, text=text, logit_scale=self.logit_scale.exp())
 
     @staticmethod
-    def similarity(a: LexicalOutput | torch.Tensor, b: LexicalOutput | torch.Tensor) -> torch.Tensor:
+    def similarity(a: LexicalOutput | torch.Tensor, b: LexicalOutput | torch.Tensor, grad: bool = False
+                   ) -> torch.Tensor:
+        """Dot products (N, M) of two sets of lexical vectors; under inference mode unless ``grad=True``."""
         a = a.vectors if isinstance(a, LexicalOutput) else a
         b = b.vectors if isinstance(b, LexicalOutput) else b
-        return a @ b.T
+        with _autograd(grad):
+            return a @ b.T
 
     @property
     def sparsification(self) -> Sparsification:
@@ -210,6 +224,10 @@ class LexVLA(nn.Module):
                                      f"model expects {tuple(params[name].shape)}")
                 params[name].copy_(value)
         self.image_trained = True
+
+
+def _autograd(grad: bool) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if grad else torch.inference_mode()
 
 
 def _concat(outs: list[LexicalOutput]) -> LexicalOutput:

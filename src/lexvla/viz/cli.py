@@ -5,18 +5,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .._cli import add_model_argument
+
 
 def _explain(args: argparse.Namespace) -> int:
     import torch
 
-    from ..models import create_model
     from .explain import explain_image, render_explanation
 
     image = Path(args.image)
     if not image.is_file():
         raise FileNotFoundError(f"image file not found: {image}")
     out_dir = Path(args.out) if args.out else Path(f"{image.stem}-explain")
-    model = create_model(args.model).eval()
+    model = args.model.build()
     with torch.no_grad():
         expl = explain_image(model, image, args.text, top_words=args.words, patch_k=max(1, args.patch_words),
                              model_name=str(args.model))
@@ -34,7 +35,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("explain", help="word cloud, patch words and text heat maps of an image (PNG + HTML)")
     p.add_argument("image", help="image file")
     p.add_argument("--text", action="append", default=[], help="a text whose patch heat map to draw (repeatable)")
-    p.add_argument("--model", default="lexvla-embedded", help="zoo name or checkpoint folder")
+    add_model_argument(p)
     p.add_argument("--out", default=None, help="output folder (default: <image stem>-explain)")
     p.add_argument("--words", type=int, default=60, help="words in the word cloud")
     p.add_argument("--patch-words", type=int, default=1, help="words shown per patch")

@@ -1,13 +1,25 @@
-"""``lexvla serve idx/ --model M [--host 127.0.0.1 --port 8000]``: the local search web app."""
+"""``lexvla serve idx/ [--model M] [--host 127.0.0.1 --port 8000]``: the local search web app."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any
+
+from .._cli import ModelSpec, add_model_argument
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def model_spec(given: ModelSpec | None, index: Any) -> ModelSpec:
+    """``--model`` if given, else the model the index records (as `lexvla index build --model` spelled it)."""
+    if given is not None:
+        return given
+    if not index.model_source:
+        raise ValueError(f"the index {index.path} does not record its model; pass --model")
+    return ModelSpec.parse(index.model_source)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -20,7 +32,6 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"the web app needs the 'web' extras ({err.name} is missing): "
                          "pip install 'lexvla[web]'") from None
     from ..index import SparseIndex
-    from ..models import create_model
 
     if args.host not in LOOPBACK:
         logger.warning("serving on %s: anyone who can reach this address can search the index and see "
@@ -32,10 +43,11 @@ def _serve(args: argparse.Namespace) -> int:
         # make every encode wait for the slowest (docs/web.md measures it); requests run side by side instead.
         torch.set_num_threads(args.torch_threads)
     index = SparseIndex.open(args.index, backend=args.backend)
-    model = create_model(args.model).eval()
+    spec = model_spec(args.model, index)
+    model = spec.build()
     config = WebConfig(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), workers=args.workers,
                        batch_size=args.batch_size, query_cache=args.query_cache)
-    service = SearchService(model, index, config, model_name=str(args.model))
+    service = SearchService(model, index, config, model_name=str(spec))
     # Bound to loopback: accept only loopback Host headers (no DNS rebinding from a web page).
     hosts = ["127.0.0.1", "localhost", "[::1]", "::1"] if args.host in LOOPBACK else None
     app = create_app(service, allowed_hosts=hosts)
@@ -52,7 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="local web app: explained image search over an index")
     p.add_argument("index", help="index folder (from `lexvla index build`)")
-    p.add_argument("--model", default="lexvla-embedded", help="the model the index was built with")
+    add_model_argument(p, default=None, help="zoo name or checkpoint folder (default: the model the index records)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--backend", default=None, help="search backend (default: the index's own)")
