@@ -100,7 +100,7 @@ def _check(parser: argparse.ArgumentParser, words: list[str], whole: bool = True
     for p in node:
         known = {o for a in p._actions for o in a.option_strings}
         for w in words:
-            for opt in w.split("=")[0].split("|"):
+            for opt in re.split(r"[|/]", w.split("=")[0]):  # `--a|--b`, `--a/--b`: alternatives
                 if opt.startswith("--") and opt not in known:
                     return f"unknown option {opt}"
     return None
