@@ -148,6 +148,9 @@ class TextLexicalEncoder(nn.Module):
         n_layers = len(llm.get_decoder().layers)
         self.split: int | None = None
         self._prefix: dict[str, torch.Tensor] = {}
+        # Inference reuses (and fills) the per-caption cache too when set: exact, but the cache grows
+        # with every distinct text, so only runs over a known set of captions (demo, sweeps) turn it on.
+        self.keep_prefix = False
         if cfg.lora is not None:
             import warnings
 
@@ -268,7 +271,7 @@ class TextLexicalEncoder(nn.Module):
         """(B, D) last-token states; one LLM pass per distinct text (repeats share the row and its graph)."""
         texts = [texts] if isinstance(texts, str) else [t.strip() for t in texts]
         distinct = list(dict.fromkeys(texts))
-        if self.split is not None and self.training and torch.is_grad_enabled():
+        if self.split is not None and ((self.training and torch.is_grad_enabled()) or self.keep_prefix):
             hidden = self._last_hidden_split(distinct)
         else:
             device = self.codebook.device

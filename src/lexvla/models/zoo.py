@@ -40,9 +40,50 @@ def get_config(name: str) -> LexVLAConfig:
     return cfg
 
 
-def create_model(name_or_path: str | Path, pretrained: bool = True, **overrides: Any) -> LexVLA:
+TRAINED_ZOO_FILE = "zoo_config.json"  # the zoo entry a trained default was trained from
+
+
+def trained_dir(name: str) -> Path:
+    """Where ``lexvla demo`` keeps the trained weights of a zoo model: ``$LEXVLA_CACHE/models/<name>``."""
+    from .._assets import cache_dir
+
+    return cache_dir("models") / name
+
+
+def save_trained(model: LexVLA, name: str) -> Path:
+    """Make ``model`` the trained default of zoo entry ``name``: from then on ``create_model(name)``
+    (and every command that takes a model name) loads it, as long as the zoo entry is unchanged."""
+    import json
+
+    path = model.save_pretrained(trained_dir(name))
+    (path / TRAINED_ZOO_FILE).write_text(json.dumps(get_config(name).to_dict(), sort_keys=True))
+    return path
+
+
+def find_trained(name: str) -> Path | None:
+    """The trained default of a zoo name, if one was saved from the current zoo entry."""
+    import json
+
+    if name not in _MODELS:
+        return None
+    path = trained_dir(name)
+    try:
+        saved = json.loads((path / TRAINED_ZOO_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if saved != json.loads(json.dumps(get_config(name).to_dict(), sort_keys=True)):
+        logger.info("trained %s in %s was trained from another zoo entry: ignored", name, path)
+        return None
+    return path if (path / WEIGHTS_FILE).is_file() else None
+
+
+def create_model(name_or_path: str | Path, pretrained: bool = True, trained: bool = True,
+                 **overrides: Any) -> LexVLA:
     """A LexVLA model from a zoo name or a checkpoint folder; ``overrides`` are dotted config keys,
     e.g. ``create_model("lexvla-tiny", **{"backbone.grid": 2})`` (zoo names only).
+
+    A zoo name with a trained default (``lexvla demo`` saves one, :func:`save_trained`) loads those
+    trained weights unless ``trained=False`` or overrides are given.
 
     ``pretrained=False`` (as in timm) builds the zoo entry's architecture with seeded random frozen
     weights instead of loading them: no weight file or package is needed, only the tokenizer.
@@ -53,6 +94,11 @@ def create_model(name_or_path: str | Path, pretrained: bool = True, **overrides:
             raise ValueError("overrides and pretrained=False apply to zoo names only; a checkpoint is restored "
                              "as saved")
         return load(path)
+    if pretrained and trained and not overrides:
+        found = find_trained(str(name_or_path))
+        if found is not None:
+            logger.info("%s: trained weights from %s", name_or_path, found)
+            return load(found)
     cfg = get_config(str(name_or_path))
     if not pretrained:
         overrides = {"backbone.source": "random", "text.source": "random", **overrides}

@@ -1,0 +1,160 @@
+"""Sparsity / text-side sweep: train LexVLA (and the dense baseline) on the same cached backbone features
+with different settings, evaluate each on a held-out retrieval split, append one JSON line per run.
+
+    flock /work/heavy.lock python bench/text_sweep.py --runs frozen,lora2 --steps 80 \
+        --out bench/results/text_sweep.jsonl
+
+One model per text configuration is built once and reset to its initial weights before each run; the
+frozen lower LLM layers' states per caption (LoRA on the top layers) are kept across runs, so a run
+costs the top layers, the adapter and the patch x vocabulary product. Settings are in ``RUNS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RUNS: dict[str, dict[str, Any]] = {
+    # text side frozen (today's default) vs LoRA on the top 2 LLM layers
+    "frozen": {"lora": None},
+    "lora2": {},
+    "lora2-log1p": {"mapper": {"activation": "log1p_relu"}},
+    "lora2-log1p-m3": {"mapper": {"activation": "log1p_relu", "margin": 3.0}},
+    "lora2-k64": {"mapper": {"max_words": 64}},
+    "lora2-k32": {"mapper": {"max_words": 32}},
+    "lora2-log1p-k64": {"mapper": {"activation": "log1p_relu", "max_words": 64}},
+    "lora2-ov1e-2": {"loss": {"image_weight": 1e-2, "text_weight": 1e-2}},
+    "lora2-ov1e-1": {"loss": {"image_weight": 1e-1, "text_weight": 1e-1}},
+    "lora2-flops1e-2": {"loss": {"regulariser": "flops", "image_weight": 1e-2, "text_weight": 1e-2}},
+    "lora2-k64-ov1e-2": {"mapper": {"max_words": 64}, "loss": {"image_weight": 1e-2, "text_weight": 1e-2}},
+    "lora2-noreg-k64": {"mapper": {"max_words": 64}, "loss": {"regulariser": "none"}},
+    "lora4-k64": {"lora": {"last_layers": 4}, "mapper": {"max_words": 64}},
+    "dense": {"dense": True},
+}
+LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "last_layers": 2}
+
+
+def _model(spec: dict[str, Any], base: str, cache: dict[str, Any]):
+    from lexvla.models import create_model
+    from lexvla.models.dense import DenseBaseline
+    from lexvla.models.zoo import get_config
+
+    lora = spec.get("lora", {})
+    lora = None if lora is None else {**LORA, **lora}
+    key = json.dumps([lora, bool(spec.get("dense"))])
+    if key not in cache:
+        overrides = {"text.lora": lora}
+        model = (DenseBaseline(get_config(base).replace(**overrides)) if spec.get("dense")
+                 else create_model(base, **overrides))
+        shared = next((m for m in cache.values() if m.config.text.lora == model.config.text.lora), None)
+        if shared is not None:  # same frozen lower layers: share their per-caption states
+            model.text._prefix = shared.text._prefix
+        cache[key] = model
+        cache[key + "/init"] = None
+    model = cache[key]
+    if cache[key + "/init"] is None:
+        cache[key + "/init"] = model.trainable_state_dict()
+    model.load_trained(cache[key + "/init"])
+    return model
+
+
+def _apply_mapper(model: Any, mapper: dict[str, Any]):
+    from lexvla.config import MapperConfig
+    from lexvla.models.mapper import LexicalMapper
+
+    cfg = MapperConfig(**{**MapperConfig().__dict__, **mapper})
+    model.config.mapper = cfg
+    model.mapper = LexicalMapper(cfg)
+
+
+def run(name: str, args: argparse.Namespace, models: dict[str, Any]) -> dict[str, Any]:
+    from lexvla.eval import RetrievalConfig, RetrievalDataConfig, load_retrieval_set
+    from lexvla.eval.encode import Sparsification
+    from lexvla.eval.retrieval import encode_set, retrieval_from_vectors
+    from lexvla.eval.sparsity import overused_outside_caption
+    from lexvla.train import TrainConfig, train
+
+    spec = RUNS[name]
+    dense = bool(spec.get("dense"))
+    model = _model(spec, args.model, models)
+    if not dense:
+        _apply_mapper(model, spec.get("mapper", {}))
+    loss = {"regulariser": "none" if dense else "overuse", "image_weight": 1e-3, "text_weight": 1e-3,
+            "ramp_steps": args.steps // 3, **spec.get("loss", {})}
+    frozen = model.config.text.lora is None
+    tcfg = TrainConfig.from_dict({
+        "model": {"name": args.model},
+        "data": {"source": args.data, "options": {"split": "train", "captions": list(args.captions),
+                                                  "caption_mode": "random"},
+                 "batch_size": args.batch, "feature_cache": "auto", "text_cache": "auto" if frozen else None},
+        "optim": {"lr": {"adapter": 1e-3, "visual_codebook": 1e-3, "lora": args.lr_lora, "temperature": 1e-3},
+                  "weight_decay": {"adapter": 0.0}, "warmup_steps": min(20, args.steps // 4)},
+        "loss": loss, "steps": args.steps, "log_every": 10, "checkpoint_every": 0,
+        "output_dir": str(Path(args.work) / name), "seed": 0, "tensorboard": False, "progress": False,
+        "cpu": True,
+    })
+    t0 = time.perf_counter()
+    tr = train(tcfg, model=model)
+    train_s = time.perf_counter() - t0
+    model.eval()
+    model.text.keep_prefix = True
+    data = load_retrieval_set(args.data, RetrievalDataConfig(split=args.split))
+    rcfg = RetrievalConfig(cache=False, progress=False, sparsification="none")
+    with torch.no_grad():
+        enc = encode_set(model, data, rcfg)
+    out: dict[str, Any] = {"run": name, "spec": spec, "steps": args.steps, "batch": args.batch, "data": args.data,
+                           "split": args.split, "train_s": round(train_s, 1), "pairs_per_s": tr.pairs_per_second,
+                           "final_loss": tr.final_metrics.get("loss"), "images": data.num_images if hasattr(
+                               data, "num_images") else len(data.image_paths), "texts": len(data.texts)}
+    settings = {"dense": Sparsification("none")} if dense else {
+        "inv_sqrt_v": Sparsification("threshold"), "top64": Sparsification("topk", 64),
+        "top32": Sparsification("topk", 32)}
+    for label, s in settings.items():
+        r = retrieval_from_vectors(enc.images, enc.texts, data, s, "pessimistic", (1, 5, 10))
+        out[label] = {"i2t": {k: r.image_to_text.recall[k] for k in (1, 5, 10)},
+                      "t2i": {k: r.text_to_image.recall[k] for k in (1, 5, 10)}, "words": r.active_words}
+    if not dense:
+        th = 1 / math.sqrt(len(model.vocab))
+        txt = enc.texts * (enc.texts > th)
+        over = overused_outside_caption(txt, data.texts, model.vocab.words, n=8)
+        out["overused_text"] = [(w.word, round(w.active_share, 3)) for w in over]
+        img = enc.images * (enc.images > th)
+        share = (img != 0).float().mean(0)
+        top = share.topk(8)
+        out["overused_image"] = [(model.vocab.words[int(i)], round(float(v), 3)) for v, i in zip(top.values, top.indices)]
+    logging.getLogger("sweep").warning("%s", json.dumps(out))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", required=True, help=f"comma-separated names from {sorted(RUNS)}")
+    p.add_argument("--model", default="lexvla-embedded")
+    p.add_argument("--data", default="emoji-noto")
+    p.add_argument("--split", default="test")
+    p.add_argument("--captions", default="emoji", help="caption set names, comma-separated")
+    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr-lora", type=float, default=5e-4)
+    p.add_argument("--work", default="/tmp/lexvla-sweep")
+    p.add_argument("--out", default="bench/results/text_sweep.jsonl")
+    args = p.parse_args(argv)
+    args.captions = tuple(args.captions.split(","))
+    logging.basicConfig(level=logging.WARNING)
+    models: dict[str, Any] = {}
+    for name in args.runs.split(","):
+        res = run(name, args, models)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(res) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
