@@ -6,9 +6,11 @@ message says which package to install or where to put the files.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -129,3 +131,20 @@ def check_arch(what: str, source: str, arch: dict, loaded: object) -> None:
     if wrong:
         detail = ", ".join(f"{k}: arch={a!r} weights={w!r}" for k, (a, w) in sorted(wrong.items()))
         raise ValueError(f"{what} weights {source!r} do not match the configured architecture ({detail})")
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Load weights without transformers' "Loading weights" progress bars and advisory messages (the
+    project reports through ``logging``); both settings are restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -83,9 +83,9 @@ def _command_of(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    quiet_libraries()  # before any command module imports transformers / the hub client
     parser = build_parser(_command_of(argv) or "")
     args = parser.parse_args(argv)
-    quiet_libraries()
     configure_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -14,7 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._assets import AssetNotFoundError, cache_dir, check_arch, craft_weights, resolve_local_or_hub
+from .._assets import (
+    AssetNotFoundError,
+    cache_dir,
+    check_arch,
+    craft_weights,
+    quiet_loading,
+    resolve_local_or_hub,
+)
 from .._registry import Registry
 from ..config import BackboneConfig
 from ..io import atomic_path
@@ -220,7 +227,8 @@ class Dinov2Backbone(PatchBackbone):
                 path = str(embedded_dinov2_small())
             else:
                 path = resolve_local_or_hub(cfg.source, "DINOv2 backbone", DINOV2_HINT)
-            model, info = Dinov2Model.from_pretrained(path, output_loading_info=True)
+            with quiet_loading():
+                model, info = Dinov2Model.from_pretrained(path, output_loading_info=True)
             if info["missing_keys"] or info["mismatched_keys"]:  # else silently random weights
                 raise ValueError(f"DINOv2 weights {cfg.source!r} are incomplete: missing "
                                  f"{sorted(info['missing_keys'])[:5]}, mismatched {sorted(info['mismatched_keys'])[:5]}")

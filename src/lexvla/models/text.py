@@ -12,7 +12,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._assets import AssetNotFoundError, cache_dir, check_arch, resolve_local_or_hub, smollm2_gguf
+from .._assets import (
+    AssetNotFoundError,
+    cache_dir,
+    check_arch,
+    quiet_loading,
+    resolve_local_or_hub,
+    smollm2_gguf,
+)
 from ..config import TextConfig
 from ..io import atomic_dir
 
@@ -86,7 +93,8 @@ def load_causal_lm(source: str, dtype: torch.dtype | str = torch.float32, tokeni
     """(model, tokenizer) from ``embedded:smollm2``, a .gguf file, a local folder / cached hub id, or
     ``random`` (a LlamaConfig from ``arch`` with the tokenizer from ``tokenizer``). Never downloads.
     Loaded weights must match ``arch`` where it says anything."""
-    model, tok = _load_causal_lm(source, _DTYPES[dtype] if isinstance(dtype, str) else dtype, tokenizer, arch or {})
+    with quiet_loading():
+        model, tok = _load_causal_lm(source, _DTYPES[dtype] if isinstance(dtype, str) else dtype, tokenizer, arch or {})
     if source != "random":
         check_arch("LLM", source, arch or {}, model.config)
     return model, tok
