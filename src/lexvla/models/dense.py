@@ -55,10 +55,10 @@ class DenseBaseline(LexVLA):
         return LexicalOutput(F.normalize(pooled, dim=-1), F.normalize(patches, dim=-1) if return_patches else None,
                              grid)
 
-    def encode_text(self, texts: Sequence[str] | str, batch_size: int = 64) -> LexicalOutput:
+    def _encode_text(self, texts: Sequence[str] | str, batch_size: int) -> LexicalOutput:
         texts = [texts] if isinstance(texts, str) else list(texts)
         if len(texts) > batch_size:
-            return LexicalOutput(torch.cat([self.encode_text(texts[i:i + batch_size]).vectors
+            return LexicalOutput(torch.cat([self._encode_text(texts[i:i + batch_size], batch_size).vectors
                                             for i in range(0, len(texts), batch_size)]))
         hidden = self.text.hidden(texts)
         return LexicalOutput(F.normalize(self.adapter.text_head(hidden), dim=-1))

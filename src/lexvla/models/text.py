@@ -253,10 +253,13 @@ class TextLexicalEncoder(nn.Module):
 
     def _last_hidden_split(self, texts: list[str]) -> torch.Tensor:
         missing = [t for t in texts if t not in self._prefix]
+        computed: dict[str, torch.Tensor] = {}
         for i in range(0, len(missing), 64):
             chunk = missing[i:i + 64]
-            self._prefix.update(zip(chunk, self._lower(chunk)))
-        rows = [self._prefix[t] for t in texts]
+            computed.update(zip(chunk, self._lower(chunk)))
+        if not torch.is_inference_mode_enabled():  # inference tensors could not enter a later backward
+            self._prefix.update(computed)
+        rows = [self._prefix[t] if t in self._prefix else computed[t] for t in texts]
         width = max(r.shape[0] for r in rows)
         hidden = rows[0].new_zeros(len(rows), width, rows[0].shape[1])
         mask = torch.zeros(len(rows), width, dtype=torch.long, device=hidden.device)
