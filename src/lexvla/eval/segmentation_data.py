@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from .._assets import AssetNotFoundError, cache_dir
 from .._registry import Registry
@@ -225,65 +225,20 @@ def masks_folder(config: SegDataConfig) -> SegmentationSet:
 # ----------------------------------------------------------------------------- COCO
 
 
-def rle_counts_from_string(s: str) -> list[int]:
-    """Decode COCO's compressed RLE string (the LEB128-like scheme of pycocotools' ``rleFrString``)."""
-    counts: list[int] = []
-    p = 0
-    while p < len(s):
-        x, k, more = 0, 0, True
-        while more:
-            c = ord(s[p]) - 48
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and (c & 0x10):
-                x |= -1 << (5 * k)
-        if len(counts) > 2:
-            x += counts[-2]
-        counts.append(x)
-    return counts
-
-
-def rle_decode(rle: dict) -> np.ndarray:
-    """(H, W) uint8 mask from a COCO RLE dict (``counts`` list or compressed string, column-major)."""
-    h, w = (int(v) for v in rle["size"])
-    counts = rle["counts"]
-    if isinstance(counts, (str, bytes)):
-        counts = rle_counts_from_string(counts.decode() if isinstance(counts, bytes) else counts)
-    if sum(counts) != h * w:
-        raise ValueError(f"RLE counts sum to {sum(counts)}, expected {h}x{w}={h * w}")
-    values = np.zeros(len(counts), np.uint8)
-    values[1::2] = 1  # runs alternate 0, 1, 0, ... starting with background
-    return np.repeat(values, counts).reshape((h, w), order="F")
-
-
-def polygons_to_mask(polygons: list[list[float]], h: int, w: int) -> np.ndarray:
-    img = Image.new("L", (w, h), 0)
-    draw = ImageDraw.Draw(img)
-    for poly in polygons:
-        if len(poly) >= 6:
-            draw.polygon([float(v) for v in poly], fill=1, outline=1)
-    return np.asarray(img, dtype=np.uint8)
-
-
 def ann_to_mask(segmentation: Any, h: int, w: int) -> np.ndarray:
-    """Instance mask; pycocotools decodes when installed, else Pillow (polygons) / our RLE decoder."""
+    """(H, W) uint8 instance mask of a COCO segmentation (polygons, RLE with a counts list, or compressed
+    RLE), decoded by pycocotools (the reference implementation; the ``eval`` extra installs it)."""
     try:
         from pycocotools import mask as cmask
     except ImportError:
-        cmask = None
-    if cmask is not None:
-        if isinstance(segmentation, list):
-            rle = cmask.merge(cmask.frPyObjects(segmentation, h, w))
-        elif isinstance(segmentation.get("counts"), list):
-            rle = cmask.frPyObjects(segmentation, h, w)
-        else:
-            rle = segmentation
-        return cmask.decode(rle).astype(np.uint8)
+        raise ImportError("COCO masks need pycocotools: pip install 'lexvla[eval]' (or pycocotools)") from None
     if isinstance(segmentation, list):
-        return polygons_to_mask(segmentation, h, w)
-    return rle_decode(segmentation)
+        rle = cmask.merge(cmask.frPyObjects(segmentation, h, w))
+    elif isinstance(segmentation.get("counts"), list):
+        rle = cmask.frPyObjects(segmentation, h, w)
+    else:
+        rle = segmentation
+    return cmask.decode(rle).astype(np.uint8)
 
 
 def _coco_instances(data: dict, image_root: Path) -> SegmentationSet:
