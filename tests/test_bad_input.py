@@ -129,3 +129,17 @@ def test_web_errors_hide_server_paths_and_follow_deletes(tmp_path: Path, tiny_mo
         assert client.get("/api/image", params={"id": "blue.png"}).status_code == 404
         hits = client.get("/api/search", params={"q": "blue", "k": 5}).json()["hits"]
         assert "blue.png" not in [h["id"] for h in hits]
+
+
+def test_bad_pairs_manifests_name_the_file_and_line(tmp_path: Path) -> None:
+    """The one pairs manifest reader (training, evaluation, indexing, CAL)."""
+    from lexvla.data.records import read_manifest
+
+    path = tmp_path / "pairs.jsonl"
+    for body, message in ((b'{"image": "a.png", "caption": "ok"}\n{"image": "b.png", "caption": "\xff"}\n',
+                           "pairs.jsonl:2: not valid UTF-8"),
+                          (b'{"image": "a.png", "caption": "lone \\ud800"}\n', "pairs.jsonl:1: contains a lone surrogate"),
+                          (b'["a.png", "a caption"]\n', "pairs.jsonl:1.*JSON object")):
+        path.write_bytes(body)
+        with pytest.raises(ValueError, match=message):
+            read_manifest(path)

@@ -143,14 +143,24 @@ def check_unique(records: Iterable[PairRecord], where: str) -> None:
 
 
 def iter_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    """(line number, parsed row); bad UTF-8, bad JSON and lone surrogates are one error naming file:line."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{n}: not valid UTF-8 ({err.reason})") from None
             if not line.strip():
                 continue
             try:
-                yield n, json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+            try:  # "\ud800" parses, but such text can be neither tokenized nor written back
+                json.dumps(row, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{path}:{n}: contains a lone surrogate escape (not valid Unicode text)") from None
+            yield n, row
 
 
 def read_manifest(path: str | Path, image_root: str | Path | None = None, split: str | None = None,
