@@ -207,3 +207,13 @@ def test_registered_for_training_and_retrieval(prepared, monkeypatch):
     rs = load_retrieval_set("emoji-noto", RetrievalDataConfig(split="test"))
     assert len(rs.texts) == len(set(rs.image_keys.tolist()))  # one text per concept
     assert all(t.startswith("an emoji of ") for t in rs.texts)
+
+
+def test_missing_svg_renderer_is_a_clear_error(tmp_path, prepared, monkeypatch):
+    from lexvla._assets import AssetNotFoundError
+
+    base, pins, _, _ = prepared
+    monkeypatch.setitem(sys.modules, "cairosvg", None)  # as if it were not installed
+    with pytest.raises(AssetNotFoundError, match="--styles noto,fluent"):
+        fetch_emoji(("openmoji",), root=tmp_path / "r", source_dir=base / "packages", downloads=tmp_path / "dl",
+                    progress=False, packages=pins)
