@@ -186,7 +186,7 @@ class LexVLAConfig:
     mapper: MapperConfig = field(default_factory=MapperConfig)
     vocab: VocabularyFilter = field(default_factory=VocabularyFilter)
     init_temperature: float = 0.07
-    # Seed of the adapter's initialisation. Random backbones and LLMs (source="random") always use seed 0,
+    # Seed of the trained parts' initialisation (adapter, LoRA). Random backbones and LLMs (source="random") use seed 0,
     # so their frozen weights are a function of ``arch`` alone and need not be saved.
     init_seed: int = 0
     # Train the visual codebook (paper) or keep it tied to the frozen text codebook.

@@ -41,8 +41,9 @@ class LexVLA(nn.Module):
 
     def __init__(self, config: LexVLAConfig, vocab: Vocabulary | None = None) -> None:
         super().__init__()
-        # Fixed seed for every random init (adapter, random backbones/LLMs), without touching the
-        # caller's RNG: an untrained zoo model is the same model (and fingerprint) in every process.
+        # init_seed seeds what is built here without its own seed (the adapter, LoRA), without touching the
+        # caller's RNG; random backbones and LLMs seed themselves (0), so their frozen weights follow from
+        # `arch` alone. An untrained zoo model is the same model (and fingerprint) in every process.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.init_seed)
             self._build(config, vocab)
