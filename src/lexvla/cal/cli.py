@@ -58,6 +58,7 @@ def register(subparsers) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--save-every", type=int, default=0, help="checkpoint every n steps (0: only at the end)")
     t.add_argument("--log-every", type=int, default=10, help="metrics.jsonl record every n steps")
+    t.add_argument("--log-samples", action="store_true", help="samples.jsonl: each rank's example indices per step")
     t.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from the newest checkpoint in --out (default on)")
     t.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -145,7 +146,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         model = SmallVLM(VLMConfig(llm=args.llm, llm_layers=args.llm_layers, image_tokens=args.image_tokens))
     cfg = TrainConfig(stage=args.stage, cal=args.cal, cal_config=_cal_config(args), steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every,
-                      log_every=args.log_every)
+                      log_every=args.log_every, log_samples=args.log_samples)
     out = Path(args.output)
     images = [ex.image for ex in examples]
     from lexvla.distributed import build_accelerator

@@ -25,7 +25,13 @@ from lexvla.cal.data import VLMExample, format_target
 from lexvla.cal.loss import CALConfig, CALLoss, CALOutput
 from lexvla.cal.vlm import SmallVLM
 from lexvla.checkpoint import CheckpointWriter, latest_checkpoint, restore_checkpoint
-from lexvla.distributed import all_reduce_grads, all_reduce_sum, broadcast_from_main, build_accelerator
+from lexvla.distributed import (
+    all_reduce_grads,
+    all_reduce_sum,
+    broadcast_from_main,
+    build_accelerator,
+    gather_objects,
+)
 from lexvla.schedule import WarmupCosine
 
 logger = logging.getLogger(__name__)
@@ -40,6 +46,7 @@ class TrainConfig:
     cal: re-weight the loss with CAL (``cal_config``) or train with plain mean cross-entropy.
     lr: peak learning rate (linear warm-up over ``warmup_steps``, then cosine to 10% of it).
     save_every: checkpoint every n steps (0 = only at the end); ``keep_checkpoints`` newest are kept.
+    batch_size: the global batch (all processes together).
     """
 
     stage: str = "pretrain"
@@ -56,6 +63,7 @@ class TrainConfig:
     save_every: int = 0
     keep_checkpoints: int = 2
     progress: bool = True
+    log_samples: bool = False  # rank 0 writes samples.jsonl: the example indices every rank trained on, per step
 
     def __post_init__(self) -> None:
         if isinstance(self.cal_config, dict):
@@ -209,6 +217,11 @@ def train_stage(model: SmallVLM, examples: Sequence[VLMExample], features: dict[
             group["lr"] = lr
         mine = rank_slice(batch_indices(len(examples), config.batch_size, step, config.seed), rank, world)
         batch = [examples[i] for i in mine]
+        if config.log_samples:
+            shares = gather_objects(mine)  # collective: every rank sends its indices
+            if main:
+                with (output_dir / "samples.jsonl").open("a") as f:
+                    f.write(json.dumps({"step": step + 1, "ranks": shares}) + "\n")
         tokens, feats = make_batch(vlm, batch, features)
         blurred = make_batch(vlm, batch, blurred_features)[1] if needs_blur else None
         out: CALOutput = loss_fn(vlm.logits, vlm.multimodal_inputs(tokens, feats.to(acc.device),
