@@ -27,7 +27,7 @@ STEPS, EVERY = 10, 2
 def cal_cmd(kind: str, manifest: Path, init: Path, out: Path, *extra: str) -> list[str]:
     return [*launcher(kind), "lexvla", "cal", "train", "--manifest", str(manifest), "--init", str(init),
             "--steps", str(STEPS), "--batch-size", "4", "--save-every", str(EVERY), "--log-every", "1",
-            "--smoothing", "per_sequence", "--log-samples", "--output", str(out), *extra]
+            "--smoothing", "per_sequence", "--log-samples", "--out", str(out), *extra]
 
 
 def records(out: Path, name: str = "metrics.jsonl") -> dict[int, dict]:
@@ -69,6 +69,7 @@ def test_cal_world_size_losses_and_shares(cal_runs: dict) -> None:
         r0, r1 = s2[step]["ranks"]
         assert len(r0) == len(r1) == 2 and not set(r0) & set(r1) and r0 + r1 == s1[step]["ranks"][0]
     ckpt = json.loads((cal_runs["torchrun"][0] / "checkpoints" / f"step-{STEPS}" / "trainer.json").read_text())
+    assert "distributed setup: rank 0/2" in cal_runs["torchrun"][1].stdout
     assert ckpt["world_size"] == 2 and ckpt["setup"]["backend"] == "gloo" and ckpt["writer"]["rank"] == 0
 
 

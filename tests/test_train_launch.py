@@ -54,6 +54,25 @@ def write_manifest(folder: Path, n: int = 24) -> Path:
     return path
 
 
+def write_shards(folder: Path, manifest: Path, n_shards: int = 4) -> list[str]:
+    """The manifest's pairs as WebDataset tar shards (``<key>.png`` + ``<key>.txt``)."""
+    import io
+    import tarfile
+
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    paths = []
+    for k in range(n_shards):
+        path = folder / f"shard-{k}.tar"
+        with tarfile.open(path, "w") as tar:
+            for r in rows[k::n_shards]:
+                for suffix, data in (("png", (folder / r["image"]).read_bytes()), ("txt", r["caption"].encode())):
+                    info = tarfile.TarInfo(f"{r['id']}.{suffix}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        paths.append(str(path))
+    return paths
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -78,7 +97,7 @@ def train_cmd(kind: str, manifest: Path, out: Path, *extra: str) -> list[str]:
     overrides = ["data.source=manifest", "data.options=" + json.dumps({"manifest": str(manifest)}), "data.batch_size=8",
                  f"steps={STEPS}", f"checkpoint_every={EVERY}", "keep_checkpoints=10", "log_every=1",
                  "validation.dataset=null", "tensorboard=false", "progress=false", "log_samples=true"]
-    return [*launcher(kind), "lexvla.train", "--config", str(TINY), *overrides, *extra, "--output-dir", str(out)]
+    return [*launcher(kind), "lexvla.train", "-v", "--config", str(TINY), *overrides, *extra, "--out", str(out)]
 
 
 def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -134,7 +153,7 @@ def test_world_size_is_recorded(runs: dict) -> None:
         ckpt = json.loads((folder / "checkpoints" / f"step-{STEPS:08d}" / "trainer.json").read_text())
         assert ckpt["world_size"] == world and ckpt["setup"]["world_size"] == world
         assert json.loads((folder / "result.json").read_text())["setup"]["world_size"] == world
-        assert f"rank 0/{world}" in done.stderr  # the setup is printed
+        assert f"distributed setup: rank 0/{world}" in done.stdout  # the setup is printed
 
 
 def test_two_processes_match_one(runs: dict) -> None:
@@ -158,9 +177,29 @@ def test_ranks_draw_disjoint_shares_of_the_global_batch(runs: dict) -> None:
     assert len(set(seen[:24])) == 24  # the first epoch (3 steps of 8) sees every pair once
 
 
+def test_webdataset_shards_are_dealt_to_ranks(runs: dict) -> None:
+    """4 tar shards, 2 ranks: each rank streams its own 2 shards; one epoch = every pair once."""
+    root = runs["root"]
+    shards = write_shards(root, runs["manifest"])
+    out = root / "shards"
+    cmd = [*launcher("torchrun"), "lexvla.train", "--config", str(TINY), "data.source=shards",
+           "data.options=" + json.dumps({"shards": shards}), "data.batch_size=8", "steps=3", "checkpoint_every=0",
+           "validation.dataset=null", "tensorboard=false", "progress=false", "log_samples=true", "--out", str(out)]
+    done = run(cmd)
+    assert done.returncode == 0, done.stderr[-4000:]
+    per_step = samples(out)
+    epoch = [i for step in (1, 2, 3) for rank in per_step[step] for i in rank]
+    assert sorted(epoch) == sorted(f"pair-{i}" for i in range(24))  # each pair once across ranks
+    for step in (1, 2, 3):
+        r0, r1 = per_step[step]
+        assert len(r0) == len(r1) == 4 and not set(r0) & set(r1)
+        # rank r reads shards r and r + 2: pair i lives in shard i % 4
+        assert {int(i.split("-")[1]) % 4 for i in r0} <= {0, 2} and {int(i.split("-")[1]) % 4 for i in r1} <= {1, 3}
+
+
 def test_one_writer_per_checkpoint(runs: dict) -> None:
     folder, done = runs["torchrun"]
-    written = [line for line in done.stderr.splitlines() if "lexvla.checkpoint: checkpoint" in line]
+    written = [line for line in done.stderr.splitlines() if "lexvla.checkpoint: checkpoint" in line]  # -v
     assert len(written) == STEPS // EVERY and all("written by rank 0" in line for line in written)
     for step in range(EVERY, STEPS + 1, EVERY):
         ckpt = folder / "checkpoints" / f"step-{step:08d}"

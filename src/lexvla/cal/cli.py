@@ -151,7 +151,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     images = [ex.image for ex in examples]
     from lexvla.distributed import build_accelerator
 
-    acc, _ = build_accelerator()  # the same setup train_stage uses; rank 0 fills the feature cache first
+    acc, setup = build_accelerator()  # the same setup train_stage uses; rank 0 fills the feature cache first
+    if acc.is_main_process:
+        _say(f"distributed setup: {setup.describe()}; batch {args.batch_size // setup.world_size} per device, "
+             f"{args.batch_size} global")
     with acc.main_process_first():
         features = compute_features(model.backbone, images, cache=out / "features")
         blurred = None

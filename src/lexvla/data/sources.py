@@ -35,6 +35,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lexvla.data.records import PairRecord, check_unique, iter_rows, records_from_row
+from lexvla.distributed import dist_info
 from lexvla.io import atomic_write_text
 from lexvla.preprocess import IMAGE_SUFFIXES, ImageLoadError
 from lexvla.preprocess import decode_image as _decode
@@ -417,14 +418,6 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     return out
 
 
-def _dist_rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class TarShardSource(IterableDataset):
     """Stream pairs from WebDataset-style tar shards (``<key>.jpg`` + ``<key>.txt`` and/or ``<key>.json``).
 
@@ -471,7 +464,7 @@ class TarShardSource(IterableDataset):
 
     def _assignment(self, epoch: int) -> tuple[list[str], int, int]:
         """(shards this process reads, sample stride, sample offset) for one epoch."""
-        rank, world = (self.rank, self.world_size) if self.world_size is not None else _dist_rank_world()
+        rank, world = (self.rank, self.world_size) if self.world_size is not None else dist_info()
         info = get_worker_info()
         n_workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         total, gid = world * n_workers, rank * n_workers + worker

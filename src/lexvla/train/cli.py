@@ -27,7 +27,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    result = train(cfg, resume=args.resume)
+    from .trainer import describe_run
+
+    result = train(cfg, resume=args.resume, on_setup=lambda d: print(describe_run(d), flush=True))
     from accelerate import PartialState
 
     if PartialState().is_main_process:

@@ -143,9 +143,20 @@ def _sparsity(vectors: torch.Tensor, threshold: float | None) -> torch.Tensor:
     return (vectors.detach() > (threshold or 0.0)).sum(-1).float().mean()
 
 
-def train(cfg: TrainConfig, resume: str | bool | None = None, model: Any = None) -> TrainResult:
+def describe_run(description: dict[str, Any]) -> str:
+    """The setup line every run prints: world size, rank, device, backend, batches, precision."""
+    d = description
+    return (f"distributed setup: rank {d['rank']}/{d['world_size']} (local {d['local_rank']}) on {d['device']}, "
+            f"backend {d['backend']}, {d['distributed_type']} via {d['launcher']}, precision {d['mixed_precision']}; "
+            f"batch {d['per_device_batch']} per device, {d['global_batch']} global, grad_accum {d['grad_accum']} "
+            f"(contrastive batch {d['contrastive_batch']})")
+
+
+def train(cfg: TrainConfig, resume: str | bool | None = None, model: Any = None,
+          on_setup: Any = None) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data``; ``resume`` = a checkpoint folder, or True/"auto" for the
-    newest one in ``cfg.output_dir`` (a fresh start when there is none).
+    newest one in ``cfg.output_dir`` (a fresh start when there is none). ``on_setup(description)`` is
+    called on rank 0 once the distributed setup is known (the CLI prints it).
 
     ``model``: an already built LexVLA to train in place (saves loading it again, e.g. in the demo);
     ``cfg.model`` is then only recorded. It must be the same model on every process.
@@ -166,9 +177,9 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, model: Any = None)
                          log_dir=str(out_dir / "skips") if acc.is_main_process else None)
     description = run_description(cfg, setup)
     if acc.is_main_process:
-        logger.info("distributed setup: %s; batch %d per device, %d global, grad_accum %d (contrastive batch %d)",
-                    setup.describe(), description["per_device_batch"], cfg.data.batch_size, cfg.grad_accum,
-                    description["contrastive_batch"])
+        logger.info(describe_run(description))
+        if on_setup is not None:
+            on_setup(description)
     total_steps = _total_steps(cfg, stream)
     optimizer, groups = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
