@@ -76,9 +76,9 @@ def _apply_mapper(model: Any, mapper: dict[str, Any]):
 
 def run(name: str, args: argparse.Namespace, models: dict[str, Any]) -> dict[str, Any]:
     from lexvla.eval import RetrievalConfig, RetrievalDataConfig, load_retrieval_set
-    from lexvla.eval.encode import Sparsification
     from lexvla.eval.retrieval import encode_set, retrieval_from_vectors
     from lexvla.eval.sparsity import overused_outside_caption
+    from lexvla.sparsification import Sparsification
     from lexvla.train import TrainConfig, train
 
     spec = RUNS[name]
@@ -113,9 +113,8 @@ def run(name: str, args: argparse.Namespace, models: dict[str, Any]) -> dict[str
                            "split": args.split, "train_s": round(train_s, 1), "pairs_per_s": tr.pairs_per_second,
                            "final_loss": tr.final_metrics.get("loss"), "images": data.num_images if hasattr(
                                data, "num_images") else len(data.image_paths), "texts": len(data.texts)}
-    settings = {"dense": Sparsification("none")} if dense else {
-        "inv_sqrt_v": Sparsification("threshold"), "top64": Sparsification("topk", 64),
-        "top32": Sparsification("topk", 32)}
+    settings = {"dense": Sparsification.none()} if dense else {
+        "inv_sqrt_v": Sparsification(), "top64": Sparsification(None, 64), "top32": Sparsification(None, 32)}
     for label, s in settings.items():
         r = retrieval_from_vectors(enc.images, enc.texts, data, s, "pessimistic", (1, 5, 10))
         out[label] = {"i2t": {k: r.image_to_text.recall[k] for k in (1, 5, 10)},

@@ -9,7 +9,8 @@ from collections import Counter
 import pytest
 
 from lexvla.data.easyvqa import COLOURS, SHAPES, EasyVQAConfig, EasyVQADataset, EasyVQARecord, RecoveryStats
-from lexvla.demo import BalancedEasyVQA, DemoConfig, register, run_demo
+from lexvla.data.sampling import BalancedEasyVQA
+from lexvla.demo import DemoConfig, register, run_demo
 
 
 def _fake_dataset(per_class: dict[tuple[str, str], int]) -> EasyVQADataset:
@@ -59,6 +60,8 @@ def test_demo_config_rejects_bad_values():
         DemoConfig(steps=0)
     with pytest.raises(ValueError, match="train_images"):
         DemoConfig(train_images=0)
+    with pytest.raises(ValueError, match="data"):
+        DemoConfig(data="mnist")
 
 
 def test_register_adds_the_demo_command():
@@ -73,26 +76,31 @@ def test_register_adds_the_demo_command():
 
 
 def test_demo_smoke_on_tiny_model(tmp_path):
-    """The whole pipeline on the tiny random model: train, cache, evaluate, report; a rerun reuses the
-    trained checkpoint."""
-    cfg = DemoConfig(model="lexvla-tiny", steps=2, batch_size=4, train_images=30, test_images=16,
-                     output_dir=str(tmp_path / "report"), cache_dir=str(tmp_path / "cache"), examples=2,
-                     check_pixels=False, progress=False)
+    """The whole pipeline on the tiny random model and the easy-vqa preset: train LexVLA and the dense
+    baseline, evaluate both, report; a rerun reuses the trained checkpoints."""
+    cfg = DemoConfig(model="lexvla-tiny", data="easy-vqa", steps=2, batch_size=4, train_images=30, test_images=16,
+                     collages=4, output_dir=str(tmp_path / "report"), cache_dir=str(tmp_path / "cache"), examples=2,
+                     progress=False)
     first = run_demo(cfg)
     assert first.trained_now
     report = tmp_path / "report"
     page = (report / "index.html").read_text()
-    for png in ("curves.png", "image_words.png", "caption_words.png", "word_patches.png", "patch_words.png"):
+    for png in ("curves.png", "image_words.png", "caption_words.png", "recall_vs_words.png", "overused.png",
+                "collage_maps.png", "patch_words.png"):
         assert (report / png).stat().st_size > 1000, png
         assert f'src="{png}"' in page
-    assert "image → text" in page and "R@1" in page
-    assert first.num_test_images == 16
-    for d in (first.i2t, first.t2i):
-        assert 0.0 <= d["R@1"] <= d["R@5"] <= d["R@10"] <= 1.0
-    assert first.active_words["image"] > 0 and first.active_words["text"] > 0
+    assert "I→T R@1" in page and "dense" in page
+    row = first.retrieval["easy-vqa test"]
+    for kind in ("lexvla", "dense"):
+        assert row[kind]["images"] == 16
+        for d in (row[kind]["i2t"], row[kind]["t2i"]):
+            assert 0.0 <= d["R@1"] <= d["R@5"] <= d["R@10"] <= 1.0
+    assert row["dense"]["words"]["image"] == 32  # the tiny LLM's width: dense
+    assert 0.0 <= first.patchdis["lexvla"] <= 1.0 and 0.0 <= first.patchdis["dense"] <= 1.0
+    assert first.overused_before and 0.0 <= first.top5_share["mean"] <= 1.0
     saved = json.loads((report / "results.json").read_text())
-    assert saved["i2t"] == first.i2t
+    assert saved["retrieval"] == first.retrieval
 
     second = run_demo(cfg)
-    assert not second.trained_now, "the trained checkpoint is reused"
-    assert second.i2t == first.i2t and second.t2i == first.t2i
+    assert not second.trained_now, "the trained checkpoints are reused"
+    assert second.retrieval == first.retrieval
