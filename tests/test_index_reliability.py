@@ -241,3 +241,16 @@ def test_a_milvus_address_read_from_the_index_is_never_connected_to(tmp_path: Pa
     with pytest.raises(socket.timeout):
         listener.accept()  # nobody knocked
     listener.close()
+
+
+def test_stores_written_before_checksums_still_open(tmp_path: Path) -> None:
+    make(tmp_path).close()
+    reference = results(tmp_path)
+    path = tmp_path / "images" / "manifest.json"
+    data = json.loads(path.read_text())
+    data.pop("checksum")
+    for shard in data["shards"]:
+        shard.pop("digests")
+        shard.pop("sha256")
+    path.write_text(json.dumps(data))
+    assert results(tmp_path) == reference

@@ -30,7 +30,14 @@ from lexvla.index.backends.base import (
     register_backend,
     topk_rows,
 )
-from lexvla.index.store import CorruptIndexError, VectorStore, atomic_save_npy, atomic_write_text, file_sha256
+from lexvla.index.store import (
+    CorruptIndexError,
+    VectorStore,
+    atomic_save_npy,
+    atomic_write_text,
+    digest_matches,
+    file_digest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,19 +104,19 @@ class ExactBackend(SearchBackend):
         digests = {}
         for part, path in self._files().items():
             atomic_save_npy(path, np.asarray(getattr(csc, part)))
-            digests[part] = file_sha256(path)
-        atomic_write_text(self.store.directory / self.STATE, json.dumps({**want, "sha256": digests}))
+            digests[part] = file_digest(path)
+        atomic_write_text(self.store.directory / self.STATE, json.dumps({**want, "digests": digests}))
         logger.info("exact: wrote postings for %d rows in %.1fs", want["rows"], time.perf_counter() - t0)
         self._postings = None
 
     def _load_postings(self, want: dict) -> sp.csr_matrix | None:
         """The memory-mapped postings, checked (digest, bounds); None (logged) when damaged."""
-        digests = read_state(self.store.directory / self.STATE).get("sha256") or {}
+        digests = read_state(self.store.directory / self.STATE).get("digests") or {}
         dim, rows, nnz = self.store.dim, want["rows"], want["nnz"]
         try:
             arrays = {}
             for a, p in self._files().items():
-                if not isinstance(digests, dict) or digests.get(a) is None or file_sha256(p) != digests[a]:
+                if not isinstance(digests, dict) or not digest_matches(p, digests.get(a)):
                     raise CorruptIndexError(f"{p}: checksum mismatch")
                 arrays[a] = np.load(p, mmap_mode="r", allow_pickle=False)
             indptr, indices = arrays["indptr"], arrays["indices"]

@@ -24,7 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from lexvla.index.backends.base import Candidates, SearchBackend, quiet_stdout, read_state, register_backend
-from lexvla.index.store import VectorStore, atomic_write_text, file_sha256
+from lexvla.index.store import VectorStore, atomic_write_text, digest_matches, file_digest
 from lexvla.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class SeismicBackend(SearchBackend):
         state = read_state(self.store.directory / self.STATE)
         stale = {k: state.get(k) for k in want} != want
         if not stale and self._index is None and not state.get("empty") and (
-                not self._file.exists() or file_sha256(self._file) != state.get("sha256")):
+                not self._file.exists() or not digest_matches(self._file, state.get("digest"))):
             # Seismic's loader trusts its file (a flipped byte can crash the process): rebuild instead.
             logger.warning("seismic: %s is missing or damaged; rebuilding it from the store", self._file)
             stale = True
@@ -130,7 +130,7 @@ class SeismicBackend(SearchBackend):
             self._index = None
             self._build(self.store.matrix(), np.flatnonzero(self.store.alive_mask()), params)
             state = {**want, "scale": self._scale, "empty": self._index is None,
-                     "sha256": file_sha256(self._file) if self._index is not None else None}
+                     "digest": file_digest(self._file) if self._index is not None else None}
             atomic_write_text(self.store.directory / self.STATE, json.dumps(state))
         self._scale = float(state.get("scale", 1.0))
         if self._index is None and not state.get("empty") and self._file.exists():
