@@ -312,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exact-options", default="{}", help="JSON of ExactOptions fields")
     ap.add_argument("--milvus-options", default="{}", help="JSON of MilvusOptions fields")
     ap.add_argument("--profile-exact", action="store_true", help="split the exact backend's time")
+    ap.add_argument("--prepare-only", action="store_true", help="generate the collection and write the store, "
+                                                                  "then stop (to keep the timed run short)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lexvla-search-bench"))
     ap.add_argument("--out", type=Path, default=Path("bench/results/search_bench.json"))
     args = ap.parse_args(argv)
@@ -335,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     extra_meta: dict = {}
     if sparse_needed:
         docs, queries, store_info = prepare_sparse(args, dim, tag, index_dir)
+        if args.prepare_only:
+            return 0
         extra_meta["measured_workload"] = measured_workload(docs, queries)
         logger.info("workload: %s", extra_meta["measured_workload"])
 

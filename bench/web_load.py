@@ -63,10 +63,11 @@ def query_text(i: int, unique: bool) -> str:
 
 
 def run_load(url: str, n_requests: int, concurrency: int, k: int, warmup: int, unique: bool = False,
-             info_probe: bool = False) -> dict:
+             info_probe: bool = False, offset: int = 0) -> dict:
+    """``offset``: first query number (runs against one server use disjoint numbers, so --unique stays unique)."""
     with httpx.Client(timeout=60) as c:
         for i in range(warmup):
-            c.get(f"{url}/api/search", params={"q": query_text(-1 - i, unique), "k": k}).raise_for_status()
+            c.get(f"{url}/api/search", params={"q": query_text(-1 - i - offset, unique), "k": k}).raise_for_status()
     info_ms: list[float] = []
     info_errors = [0]
     stop = threading.Event()
@@ -96,7 +97,7 @@ def run_load(url: str, n_requests: int, concurrency: int, k: int, warmup: int, u
                     return
                 t0 = time.perf_counter()
                 try:
-                    r = c.get(f"{url}/api/search", params={"q": query_text(i, unique), "k": k})
+                    r = c.get(f"{url}/api/search", params={"q": query_text(offset + i, unique), "k": k})
                     status[i] = r.status_code
                     if r.status_code == 200:
                         server_ms[i] = r.json()["took_ms"]
@@ -170,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = wait_ready(url, proc, 300, log)
         levels = [int(c) for c in args.concurrency_list.split(",")] if args.concurrency_list else [args.concurrency]
-        runs = [run_load(url, args.requests, c, args.k, args.warmup, args.unique, args.info_probe) for c in levels]
+        runs = [run_load(url, args.requests, c, args.k, args.warmup, args.unique, args.info_probe,
+                         offset=j * (args.requests + args.warmup)) for j, c in enumerate(levels)]
         result = {"info": info, "serve_args": args.serve_args, "loadavg_after": os.getloadavg(),
                   **(runs[0] if len(runs) == 1 else {"runs": runs, "errors": sum(r["errors"] for r in runs)})}
     finally:

@@ -46,7 +46,8 @@ def _serve(args: argparse.Namespace) -> int:
     spec = model_spec(args.model, index)
     model = spec.build()
     config = WebConfig(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), workers=args.workers,
-                       batch_size=args.batch_size, query_cache=args.query_cache)
+                       batch_size=args.batch_size, query_cache=args.query_cache,
+                       torch_threads=max(args.torch_threads, 0))
     service = SearchService(model, index, config, model_name=str(spec))
     # Bound to loopback: accept only loopback Host headers (no DNS rebinding from a web page).
     hosts = ["127.0.0.1", "localhost", "[::1]", "::1"] if args.host in LOOPBACK else None

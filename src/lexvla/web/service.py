@@ -70,6 +70,9 @@ class WebConfig:
     batch_wait_ms: float = 3.0
     query_cache: int = 512
     workers: int = 8
+    # torch intra-op threads in the encoder and worker threads (0: leave torch's setting). Set per thread:
+    # OpenMP gives every new thread the default (all cores), whatever the main thread asked for.
+    torch_threads: int = 0
     upload_formats: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 
     def __post_init__(self) -> None:
@@ -81,6 +84,8 @@ class WebConfig:
             raise ValueError("max_query_chars, tile_words and cache_items must be >= 1")
         if self.batch_size < 1 or self.workers < 1 or self.query_cache < 0 or self.batch_wait_ms < 0:
             raise ValueError("batch_size and workers must be >= 1, query_cache and batch_wait_ms >= 0")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads must be >= 0, got {self.torch_threads}")
         unknown = set(self.upload_formats) - set(IMAGE_MEDIA_TYPES)
         if unknown:
             raise ValueError(f"upload_formats {sorted(unknown)} not supported; choose from {sorted(IMAGE_MEDIA_TYPES)}")
@@ -134,8 +139,9 @@ class QueryBatcher:
     """
 
     def __init__(self, encode: Callable[[list[str]], Any], batch_size: int, wait_s: float,
-                 expect: Callable[[], int] = lambda: 1) -> None:
+                 expect: Callable[[], int] = lambda: 1, init: Callable[[], None] | None = None) -> None:
         self._encode = encode
+        self._init = init
         self.batch_size = batch_size
         self.wait_s = wait_s
         self._expect = expect
@@ -154,6 +160,8 @@ class QueryBatcher:
         self._queue.put(None)
 
     def _run(self) -> None:
+        if self._init is not None:
+            self._init()
         while True:
             first = self._queue.get()
             if first is None:
@@ -220,9 +228,14 @@ class SearchService:
             index.sync()  # loads what searches read (postings, stored vectors, ids) now, not at the first query
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
-        self.pool = ThreadPoolExecutor(self.config.workers, thread_name_prefix="lexvla-web")
+        self.pool = ThreadPoolExecutor(self.config.workers, thread_name_prefix="lexvla-web",
+                                       initializer=self._pin_threads)
         self.batcher = QueryBatcher(self._encode_texts, self.config.batch_size, self.config.batch_wait_ms / 1000,
-                                    expect=lambda: self._in_flight)
+                                    expect=lambda: self._in_flight, init=self._pin_threads)
+
+    def _pin_threads(self) -> None:
+        if self.config.torch_threads:
+            torch.set_num_threads(self.config.torch_threads)
 
     def close(self) -> None:
         """Stop the worker threads (the index is the caller's to close)."""
