@@ -65,7 +65,7 @@ def test_vocabulary_round_trip(tmp_path, smol_tokenizer):
 
 @pytest.mark.slow
 def test_embedded_llm_untrained_text_vector_names_the_caption():
-    model = lexvla.create_model("lexvla-embedded").eval()
+    model = lexvla.create_model("lexvla-embedded", trained=False).eval()
     with torch.no_grad():
         out = model.encode_text(["a photo of a red apple", "a blue circle", "a dog on the beach"])
     words = [[w for w, _ in ws] for ws in model.top_words(out, k=10)]

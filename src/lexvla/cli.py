@@ -21,7 +21,7 @@ from lexvla._cli import Parser
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("lexvla.commands", "list the model zoo: architecture, weight source, weights present, trained"),
     "encode": ("lexvla.commands", "top words of images and/or texts"),
-    "demo": ("lexvla.demo", "train LexVLA on the easy-vqa toy set on the CPU and write a report"),
+    "demo": ("lexvla.demo", "train LexVLA and a dense baseline on emoji on the CPU and write a report"),
     "data": ("lexvla.data.cli", "datasets: fetch (emoji, ...), easy-vqa, source checks, feature caches"),
     "train": ("lexvla.train.cli", "train LexVLA (one process, or under accelerate launch / torchrun)"),
     "eval": ("lexvla.eval.cli", "zero-shot retrieval, PatchDis, sparsity analysis"),

@@ -227,7 +227,6 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     from .models.dense import DenseBaseline
     from .models.zoo import find_trained, get_config, list_models, save_trained
     from .sparsification import Sparsification
-    from .train.trainer import build_model
 
     register_sources()
     preset = PRESETS[cfg.data]
@@ -250,8 +249,12 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     def build_lexvla():
         from accelerate.utils import set_seed
 
+        from . import load
+        from .models import create_model
+
         set_seed(cfg.seed)
-        model = build_model(lex_cfg).eval()
+        # from the zoo entry itself, never from an earlier trained default of it
+        model = (create_model(zoo_name, trained=False) if zoo_name else load(cfg.model)).eval()
         holder["before"] = model.encode_text(main_data.texts).vectors  # the untrained text side (LoRA = 0)
         return model
 

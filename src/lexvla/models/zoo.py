@@ -198,9 +198,19 @@ def _embedded() -> LexVLAConfig:
     return LexVLAConfig(
         backbone=BackboneConfig(name="vgg16bn", source="embedded", image_size=64, taps=(12, 22, 39), grid=4),
         adapter=AdapterConfig(width=384, heads=6, mlp_ratio=2.0),
-        text=TextConfig(source="embedded:smollm2", arch=dict(LLM_ARCHS["smollm2-135m"])),
-        mapper=MapperConfig(),
+        text=TextConfig(source="embedded:smollm2", arch=dict(LLM_ARCHS["smollm2-135m"]), lora=embedded_lora()),
+        mapper=embedded_mapper(),
     )
+
+
+# The embedded models' trained text side and sparsity recipe (docs/training.md, "Text side and sparsity"):
+# LoRA on SmolLM2's top 2 layers (the 28 below are computed once per caption), at most 64 words per vector.
+def embedded_lora() -> LoraSettings:
+    return LoraSettings(r=8, alpha=16, dropout=0.0, last_layers=2)
+
+
+def embedded_mapper() -> MapperConfig:
+    return MapperConfig(max_words=64)
 
 
 @register_model("lexvla-embedded-dinov2")
