@@ -207,6 +207,8 @@ def test_one_writer_per_checkpoint(runs: dict) -> None:
         assert state["writer"]["rank"] == 0
         assert {p.name for p in ckpt.glob("rng-rank*.safetensors")} == {"rng-rank0.safetensors",
                                                                         "rng-rank1.safetensors"}
+        rng0, rng1 = (load_file(ckpt / f"rng-rank{r}.safetensors")["torch"] for r in (0, 1))
+        assert not torch.equal(rng0, rng1)  # each rank's own stream (seed + rank), not rank 0's twice
     assert not [p for p in (folder / "checkpoints").iterdir() if p.name.startswith(".")]  # no staging left
 
 
