@@ -89,11 +89,45 @@ def _build(args: argparse.Namespace) -> int:
         source = SparseIndex.open(out).model_source
     source = ModelSpec.parse(source or "lexvla-embedded")
     model = _load_model(source, out)
+    from lexvla.index import distributed
+
+    rank, world = distributed.launch_rank_world()
+    if world > 1:  # under torchrun / accelerate launch: this rank's shards into its own part, then one merge
+        return _build_launched(args, model, source, out, rank, world)
     report = build_index(model, images=args.images, out=out, backend=args.backend, batch_size=args.batch_size,
                          captions=args.captions, sparsify=args.sparsify,
                          backend_options=_backend_options(args), progress=not args.no_progress,
                          model_source=str(source), shards=args.shards)
     _print_report(report, args.json)
+    return 0
+
+
+def _build_launched(args: argparse.Namespace, model, source, out: Path, rank: int, world: int) -> int:
+    from functools import partial
+
+    from lexvla.index import distributed
+    from lexvla.index.build import build_index
+
+    if args.shards is None or args.images is not None or args.captions is not None:
+        raise ValueError(f"index build launched as {world} ranks: give --shards only (each rank encodes every "
+                         f"{world}-th shard); --images/--captions are read by one process")
+    build = partial(build_index, model, batch_size=args.batch_size, sparsify=args.sparsify, backend="exact",
+                    sync=False, progress=not args.no_progress and rank == 0, model_source=str(source))
+    _print_report(distributed.build_rank_part(build, out, args.shards, rank, world), args.json)
+    if rank == 0:
+        report = distributed.wait_and_merge(out, world, backend=args.backend,
+                                            backend_options=_backend_options(args))
+        _out(json.dumps(report.to_dict(), indent=1) if args.json else
+             f"merged {world} parts into {report.out}: {report.rows} rows in {report.seconds:.1f}s")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from lexvla.index.distributed import merge_indexes
+
+    report = merge_indexes(args.parts, args.out, backend=args.backend, backend_options=_backend_options(args))
+    _out(json.dumps(report.to_dict(), indent=1) if args.json else
+         f"merged {len(report.parts)} parts into {report.out}: {report.rows} rows in {report.seconds:.1f}s")
     return 0
 
 
@@ -221,6 +255,13 @@ def register(subparsers: Any) -> None:
     d.add_argument("--collection", choices=("images", "texts"), default="images")
     _add_backend_args(d, None)
     d.set_defaults(func=_delete)
+
+    m = sub.add_parser("merge", help="merge index parts (e.g. the per-rank parts of a launched build) into one")
+    m.add_argument("parts", nargs="+", help="index folders built with the same model")
+    m.add_argument("--out", required=True, help="the merged index (a new folder)")
+    m.add_argument("--json", action="store_true")
+    _add_backend_args(m, None)
+    m.set_defaults(func=_merge)
 
     i = sub.add_parser("info", help="what an index holds and which model built it")
     i.add_argument("index")
