@@ -4,9 +4,8 @@ The PNGs carry a ``Title`` text chunk, but many titles are not captions: collect
 dozens of files ("Lemon SVG theme"), author names, Italian/French words, mojibake. :func:`clean_title`
 keeps a title when, after cleaning (underscores and camelCase split, digits dropped), every word is
 English by ``wordfreq`` (Zipf frequency >= 4 in English, or >= 2.5 and not higher in Italian or
-French), the
-title is not one of the collection words, and at most ``max_shared`` files share it. Of 6,898 files
-1,680 pass. The folder path (``food/fruit``) gives keywords.
+French), the title is not one of the collection words, and at most ``max_shared`` files share it. Of
+6,898 files 1,680 pass. The folder path (``food/fruit``) gives keywords.
 
 Splits: ``train`` and ``val`` (10% of distinct titles by hash), no test: the titles are too noisy to
 measure with.
