@@ -217,3 +217,13 @@ def test_missing_svg_renderer_is_a_clear_error(tmp_path, prepared, monkeypatch):
     with pytest.raises(AssetNotFoundError, match="--styles noto,fluent"):
         fetch_emoji(("openmoji",), root=tmp_path / "r", source_dir=base / "packages", downloads=tmp_path / "dl",
                     progress=False, packages=pins)
+
+
+def test_openmoji_extras_do_not_duplicate_unicode_names():
+    from emoji_fixtures import _entry, catalogue_rows
+
+    rows = catalogue_rows() + [_entry("E0A1", "bird", "bird", "extras-openmoji", "animals-nature"),
+                               _entry("E0A2", "blue bird", "bird", "extras-openmoji", "animals-nature")]
+    cat = build_catalogue(rows)
+    assert cat["E0A1"].group == "duplicate-name"  # skipped when preparing, counted under that reason
+    assert cat["E0A2"].name == "blue bird" and cat["1F426"].name == "bird"

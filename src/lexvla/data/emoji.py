@@ -59,6 +59,7 @@ OPENMOJI_PACKAGE = PinnedPackage("npm", "openmoji", "17.0.0",
                                  "CC BY-SA 4.0")
 OPENMOJI_JSON = "package/data/openmoji.json"
 NOTO_JSON = "package/emoji.json"
+CATALOGUE_VERSION = 3  # bump when build_catalogue changes: styles are re-listed (their images are reused)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,9 @@ class EmojiInfo:
 
 
 FLAG_SUBGROUPS = frozenset({"country-flag", "subdivision-flag", "flags"})
-SKIP_GROUPS = frozenset({"component"})  # skin-tone swatches and hair components: not objects
+DUPLICATE_NAME = "duplicate-name"
+# skin-tone swatches and hair components (not objects); OpenMoji extras named like a Unicode emoji
+SKIP_GROUPS = frozenset({"component", DUPLICATE_NAME})
 
 
 def _split_tags(text: str) -> tuple[str, ...]:
@@ -170,9 +173,14 @@ def build_catalogue(openmoji: Sequence[dict[str, Any]], fallback: Sequence[dict[
             group = known.group if known else ("flags" if _is_flag_code(code) else "")
             out[code] = EmojiInfo(code, name, known.keywords if known else (), base, group,
                                   known.subgroup if known else "")
+    # OpenMoji's own extras re-draw a few Unicode emoji under the same name ("link", "moai"): two
+    # concepts with one name would be two retrieval classes with the same text. The Unicode one stays.
+    unicode_names = {i.name for i in out.values() if not i.group.startswith("extras")}
     for code, info in list(out.items()):
         if not info.name:
             out.pop(code)
+        elif info.group.startswith("extras") and info.name in unicode_names:
+            out[code] = EmojiInfo(code, info.name, info.keywords, info.concept, DUPLICATE_NAME, info.subgroup)
     return out
 
 
@@ -422,7 +430,8 @@ def prepare_style(spec: StyleSpec, tarball: Path, catalogue: dict[str, EmojiInfo
 
     folder = root / spec.name
     done_file = folder / "prepared.json"
-    stamp = {"package": spec.package.spec, "sha256": spec.package.sha256, **settings.to_dict()}
+    stamp = {"package": spec.package.spec, "sha256": spec.package.sha256, "catalogue": CATALOGUE_VERSION,
+             **settings.to_dict()}
     report = StyleReport(spec.name)
     if done_file.is_file() and (folder / "pairs.jsonl").is_file():
         done = json.loads(done_file.read_text())
@@ -449,7 +458,7 @@ def prepare_style(spec: StyleSpec, tarball: Path, catalogue: dict[str, EmojiInfo
                 report.unmatched.append(code)
                 continue
             if info.group in SKIP_GROUPS:
-                report.skipped["component"] += 1
+                report.skipped[info.group] += 1
                 continue
             if code in seen:
                 report.skipped["duplicate_code"] += 1
