@@ -235,16 +235,24 @@ def test_resume_after_sigkill_of_one_rank_is_exact(runs: dict) -> None:
     assert losses(out) == losses(runs["torchrun"][0])
 
 
-def test_accelerate_launch_matches_one_process(runs: dict) -> None:
+def test_accelerate_launch_with_grad_accum_matches_one_process(runs: dict) -> None:
+    """accelerate launch, 2 processes x 2 micro-batches of 2 pairs: one contrastive batch of 8 per step
+    (cached embeddings under DDP), the single process's batch-8 losses and samples."""
     root, manifest = runs["root"], runs["manifest"]
-    done = run(train_cmd("accelerate", manifest, root / "accelerate"))
+    out = root / "accelerate"
+    done = run(train_cmd("accelerate", manifest, out, "data.batch_size=4", "grad_accum=2"))
     assert done.returncode == 0, done.stderr[-4000:]
-    setup = json.loads((root / "accelerate" / "metrics.jsonl").read_text().splitlines()[0])
+    setup = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert setup["world_size"] == 2 and setup["launcher"] == "accelerate" and setup["backend"] == "gloo"
-    one, two = losses(runs["single"][0]), losses(root / "accelerate")
-    print("\naccelerate launch, 2 processes:", " ".join(f"{two[s]:.9g}" for s in sorted(two)))
+    assert setup["per_device_batch"] == 2 and setup["grad_accum"] == 2 and setup["contrastive_batch"] == 8
+    one, two = losses(runs["single"][0]), losses(out)
+    print("\naccelerate launch, 2 processes, grad_accum 2:", " ".join(f"{two[s]:.9g}" for s in sorted(two)))
     for step in range(1, FIRST + 1):
         assert two[step] == pytest.approx(one[step], abs=1e-6)
+    ids_one, ids_two = samples(runs["single"][0]), samples(out)
+    for step in range(1, STEPS + 1):
+        r0, r1 = ids_two[step]
+        assert len(r0) == len(r1) == 4 and not set(r0) & set(r1) and sorted(r0 + r1) == sorted(ids_one[step][0])
 
 
 def test_misconfigured_launches_fail_clearly(runs: dict, tmp_path: Path) -> None:
