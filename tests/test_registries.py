@@ -88,3 +88,15 @@ def test_registries_refuse_a_second_registration_of_a_name():
     with pytest.raises(ValueError, match="thing 'a'"):
         reg["a"] = 2
     assert reg == {"a": 1}
+
+
+def test_an_unknown_name_lists_what_each_registry_has():
+    from lexvla.eval.retrieval_data import RetrievalDataConfig, load_retrieval_set
+
+    with pytest.raises(ValueError, match=r"unknown backbone 'vit-h'; available: .*dinov2"):
+        create_backbone(BackboneConfig(name="vit-h"))
+    with pytest.raises(ValueError, match=r"unknown retrieval data set 'flickr9k'; available: .*coco"):
+        load_retrieval_set("flickr9k", RetrievalDataConfig())
+    reg: Registry[int] = Registry("thing")
+    reg.register("b")(2)
+    assert reg.lookup("b") == 2 and reg.names() == ["b"]

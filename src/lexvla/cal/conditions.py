@@ -21,12 +21,7 @@ Condition = Callable[["MultimodalInputs"], tuple[torch.Tensor, torch.Tensor]]
 CONDITIONS: Registry[Condition] = Registry("CAL condition")
 
 
-def register_condition(name: str) -> Callable[[Condition], Condition]:
-    def deco(fn: Condition) -> Condition:
-        CONDITIONS[name] = fn
-        return fn
-
-    return deco
+register_condition = CONDITIONS.register
 
 
 @register_condition("remove")

@@ -82,18 +82,11 @@ class RetrievalDataConfig:
 RETRIEVAL_DATASETS: Registry[Callable[[RetrievalDataConfig], RetrievalSet]] = Registry("retrieval data set")
 
 
-def register_retrieval_dataset(name: str):
-    def deco(fn: Callable[[RetrievalDataConfig], RetrievalSet]):
-        RETRIEVAL_DATASETS[name] = fn
-        return fn
-
-    return deco
+register_retrieval_dataset = RETRIEVAL_DATASETS.register
 
 
 def load_retrieval_set(name: str, config: RetrievalDataConfig) -> RetrievalSet:
-    if name not in RETRIEVAL_DATASETS:
-        raise ValueError(f"unknown retrieval dataset {name!r}; choose from {sorted(RETRIEVAL_DATASETS)}")
-    return RETRIEVAL_DATASETS[name](config)
+    return RETRIEVAL_DATASETS.lookup(name)(config)
 
 
 def clean_caption(text: str, lowercase: bool) -> str:

@@ -130,18 +130,11 @@ class SegDataConfig:
 SEGMENTATION_DATASETS: Registry[Callable[[SegDataConfig], SegmentationSet]] = Registry("segmentation data set")
 
 
-def register_segmentation_dataset(name: str):
-    def deco(fn: Callable[[SegDataConfig], SegmentationSet]):
-        SEGMENTATION_DATASETS[name] = fn
-        return fn
-
-    return deco
+register_segmentation_dataset = SEGMENTATION_DATASETS.register
 
 
 def load_segmentation_set(name: str, config: SegDataConfig) -> SegmentationSet:
-    if name not in SEGMENTATION_DATASETS:
-        raise ValueError(f"unknown segmentation dataset {name!r}; choose from {sorted(SEGMENTATION_DATASETS)}")
-    ds = SEGMENTATION_DATASETS[name](config)
+    ds = SEGMENTATION_DATASETS.lookup(name)(config)
     if config.limit is not None:
         ds.samples = ds.samples[: config.limit]
     return ds

@@ -32,12 +32,7 @@ logger = logging.getLogger(__name__)
 _BACKBONES: Registry[Callable[[BackboneConfig], PatchBackbone]] = Registry("backbone")
 
 
-def register_backbone(name: str):
-    def wrap(fn: Callable[[BackboneConfig], PatchBackbone]):
-        _BACKBONES[name] = fn
-        return fn
-
-    return wrap
+register_backbone = _BACKBONES.register  # @register_backbone("name") on a builder: BackboneConfig -> PatchBackbone
 
 
 def list_backbones() -> list[str]:
@@ -45,11 +40,7 @@ def list_backbones() -> list[str]:
 
 
 def create_backbone(cfg: BackboneConfig) -> PatchBackbone:
-    try:
-        builder = _BACKBONES[cfg.name]
-    except KeyError:
-        raise ValueError(f"unknown backbone '{cfg.name}'; available: {list_backbones()}") from None
-    return builder(cfg)
+    return _BACKBONES.lookup(cfg.name)(cfg)
 
 
 class PatchBackbone(nn.Module):

@@ -19,12 +19,7 @@ logger = logging.getLogger(__name__)
 _MODELS: Registry[Callable[[], LexVLAConfig]] = Registry("model")
 
 
-def register_model(name: str):
-    def wrap(fn: Callable[[], LexVLAConfig]):
-        _MODELS[name] = fn
-        return fn
-
-    return wrap
+register_model = _MODELS.register  # @register_model("name") on a function returning a LexVLAConfig
 
 
 def list_models() -> list[str]:

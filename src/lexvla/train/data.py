@@ -49,12 +49,7 @@ class SourceContext:
 TRAIN_SOURCES: Registry[Callable[[dict[str, Any], SourceContext], Any]] = Registry("training data source")
 
 
-def register_train_source(name: str):
-    def wrap(fn: Callable[[dict[str, Any], SourceContext], Any]):
-        TRAIN_SOURCES[name] = fn
-        return fn
-
-    return wrap
+register_train_source = TRAIN_SOURCES.register
 
 
 @register_train_source("manifest")
