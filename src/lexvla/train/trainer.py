@@ -1,4 +1,4 @@
-"""The training loop: one code path for one CPU, one GPU, DDP and FSDP (Hugging Face Accelerate).
+"""The training loop: one code path for one CPU, one GPU and DDP over N processes (Hugging Face Accelerate).
 
 Launch with ``lexvla train --config run.yaml`` (one process) or ``torchrun --nproc_per_node N -m
 lexvla.train --config run.yaml`` / ``accelerate launch --multi_gpu --num_processes N -m lexvla.train ...``
@@ -165,6 +165,10 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, model: Any = None,
 
     start_time = time.perf_counter()
     acc, setup = _accelerator(cfg)
+    if setup.distributed_type == "FSDP":
+        # rank-0 checkpointing and validation would wait forever for the other ranks' shards
+        raise ValueError("FSDP is not supported by lexvla.train yet (checkpoints and validation need the full "
+                         "state dict gathered on every rank); launch without --use_fsdp: DDP (docs/training.md)")
     out_dir = Path(cfg.output_dir)
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
