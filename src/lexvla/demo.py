@@ -402,10 +402,10 @@ def register(subparsers) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lexvla")
-    register(parser.add_subparsers())
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    return args.func(args)
+    """``python -m lexvla.demo ARGS`` = ``lexvla demo ARGS`` (the command's logging and output policy)."""
+    from .cli import main as lexvla_main
+
+    return lexvla_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -11,13 +11,14 @@ runs (their build time is reported separately).
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from .._cli import Parser
+from ..cli import configure_logging, quiet_libraries
 
 SETTINGS = {  # name -> (feature cache, text cache)
     "no cache": (False, False),
@@ -27,15 +28,16 @@ SETTINGS = {  # name -> (feature cache, text cache)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--cache-root", default="auto", help="cache folder (auto = the project cache)")
-    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--out", dest="json", help="write the results (JSON) to this file")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    quiet_libraries()
+    configure_logging(0)  # the lexvla command's policy
 
     from .config import load_config
     from .trainer import build_model, train
