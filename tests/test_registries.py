@@ -100,3 +100,22 @@ def test_an_unknown_name_lists_what_each_registry_has():
     reg: Registry[int] = Registry("thing")
     reg.register("b")(2)
     assert reg.lookup("b") == 2 and reg.names() == ["b"]
+
+
+def test_models_command_says_weights_present_and_trained(tmp_path, monkeypatch, capsys, tiny_model):
+    import json
+
+    from lexvla.cli import main
+    from lexvla.models.zoo import save_trained
+
+    monkeypatch.setenv("LEXVLA_CACHE", str(tmp_path))
+    assert main(["models", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == set(list_models())
+    assert rows["lexvla-tiny"]["weights"] == {"backbone": "none needed", "text": "none needed"}
+    assert rows["lexvla-tiny"]["trained"] is None
+    assert rows["lexvla-dinov2-b14-llama2-7b"]["weights"]["text"].startswith("missing")  # not on this machine
+    saved = save_trained(tiny_model, "lexvla-tiny")
+    assert main(["models", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["lexvla-tiny"]["trained"] == str(saved)

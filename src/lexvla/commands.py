@@ -10,17 +10,16 @@ from ._cli import add_model_argument
 
 def _models(args: argparse.Namespace) -> int:
     from .models import get_config, list_models
-    from .models.zoo import weights_status
+    from .models.zoo import find_trained, weights_status
 
     rows = []
     for name in list_models():
         cfg = get_config(name)
         status = weights_status(cfg)
+        trained = find_trained(name)  # a trained default (lexvla demo saves one) that create_model loads
         rows.append({"name": name, "backbone": cfg.backbone.name, "backbone_weights": cfg.backbone.source,
                      "llm_weights": cfg.text.source, "weights": status,
-                     # a zoo entry is an architecture: its adapter and codebook are trained only in a
-                     # checkpoint (lexvla train -> lexvla.load(dir))
-                     "trained": False})
+                     "trained": None if trained is None else str(trained)})
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -28,7 +27,8 @@ def _models(args: argparse.Namespace) -> int:
         w = r["weights"]
         print(f"{r['name']:30s} backbone {r['backbone']} <- {r['backbone_weights']} ({w['backbone']})\n"
               f"{'':30s} llm <- {r['llm_weights']} ({w['text']})\n"
-              f"{'':30s} trained: no (untrained adapter; train it, then pass the checkpoint folder as --model)")
+              + (f"{'':30s} trained: yes, {r['trained']} (loaded by --model {r['name']})" if r["trained"] else
+                 f"{'':30s} trained: no (random adapter; lexvla demo / lexvla train, or a checkpoint as --model)"))
     return 0
 
 
