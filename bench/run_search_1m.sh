@@ -20,9 +20,9 @@ $PY bench/search_bench.py --n-docs "$N" --n-queries "$Q" --single-queries 100 --
     --backends exact,seismic,faiss --profile-exact --work "$WORK" --out "$OUT/search_${N}_zipf.json"
 $PY bench/search_bench.py --n-docs "$N" --n-queries "$Q" --single-queries 100 --workload stats --stats "$STATS" \
     --backends exact,seismic,faiss --profile-exact --work "$WORK" --out "$OUT/search_${N}_realistic.json"
-$PY bench/seismic_sweep.py --n-docs "$N" --n-queries "$Q" --workload zipf --n-postings 50,100,200 \
+$PY bench/seismic_sweep.py --n-docs "$N" --n-queries "$Q" --workload zipf --n-postings 50,200 \
     --query-cut 5,10,20 --heap-factor 0.9 --work "$WORK" --out "$OUT/seismic_sweep_${N}_zipf.json"
 $PY bench/seismic_sweep.py --n-docs "$N" --n-queries "$Q" --workload stats --stats "$STATS" \
-    --n-postings 100,400,1600 --query-cut 10,20,0 --heap-factor 0.9 --work "$WORK" \
+    --n-postings 400,1600 --query-cut 10,20,0 --heap-factor 0.9 --work "$WORK" \
     --out "$OUT/seismic_sweep_${N}_realistic.json"
 uptime
