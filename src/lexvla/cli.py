@@ -72,6 +72,8 @@ def configure_logging(verbose: int) -> None:
     """The log-level policy: warnings by default, -v info, -vv debug (every command, every area)."""
     logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if verbose < 2:  # the project's own warnings (e.g. an untrained model) as one line, like its errors
+        warnings.formatwarning = lambda message, category, *_args, **_kw: f"lexvla: warning: {message}\n"
 
 
 def _command_of(argv: list[str]) -> str | None:
