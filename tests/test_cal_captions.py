@@ -202,3 +202,18 @@ def test_caption_experiment_tiny(tmp_path):
     assert all(len(r["finder_scores"]) == len(r["tokens"]) for r in ranked)
     html = (tmp_path / "ranked.html").read_text()
     assert "most contradicted" in html and "centred at zero" in html
+    # seeds run as separate processes merge into one report
+    from lexvla.cal.caption_experiment import merge_results, write_caption_report
+
+    other = json.loads((tmp_path / "results.json").read_text())
+    for r in other["runs"]:
+        r["seed"] = 7
+    other["seeds"] = {"7": other["seeds"]["0"]}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="already merged"):
+        merge_results([tmp_path / "results.json", tmp_path / "results.json"])
+    merged = merge_results([tmp_path / "results.json", tmp_path / "other.json"])
+    assert len(merged["runs"]) == 8 and merged["config"]["seeds"] == [0, 7]
+    (tmp_path / "merged").mkdir()
+    write_caption_report(merged, tmp_path / "merged")
+    assert "Seeds: 0, 7" in (tmp_path / "merged" / "results.md").read_text()

@@ -333,6 +333,30 @@ def run_caption_experiment(config: CaptionExperimentConfig, output_dir: str | Pa
 
 
 # ------------------------------------------------------------------------------------------- report
+def merge_results(files: Sequence[str | Path]) -> dict[str, Any]:
+    """One results dict from several ``results.json`` of the same settings (seeds run as separate
+    processes); wall times add up in ``seconds_by_file``."""
+    merged: dict[str, Any] | None = None
+    for f in files:
+        res = json.loads(Path(f).read_text())
+        if merged is None:
+            merged = {**res, "runs": [], "seeds": {}, "seconds_by_file": {}}
+        strip = lambda c: {k: v for k, v in c.items() if k != "seeds"}  # noqa: E731
+        if strip(res["config"]) != strip(merged["config"]):
+            raise ValueError(f"{f}: results of other settings than {files[0]}; cannot merge")
+        seen = {r["seed"] for r in merged["runs"]}
+        if seen & {r["seed"] for r in res["runs"]}:
+            raise ValueError(f"{f}: seed(s) {sorted(seen & {r['seed'] for r in res['runs']})} already merged")
+        merged["runs"] += res["runs"]
+        merged["seeds"].update(res["seeds"])
+        merged["seconds_by_file"][str(f)] = res.get("total_seconds", 0.0)
+    if merged is None:
+        raise ValueError("no results files to merge")
+    merged["config"]["seeds"] = sorted(int(k) for k in merged["seeds"])
+    merged["total_seconds"] = max(merged["seconds_by_file"].values())  # the processes ran side by side
+    return merged
+
+
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
     m = sum(values) / len(values)
     sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
@@ -396,7 +420,8 @@ def write_caption_report(results: dict[str, Any], out: Path) -> None:
         lines.append(f"| {name} | {fmt([r['caption_auc'][name] for r in runs])} | {fmt(wa)} |")
     per_seed = ", ".join(f"seed {k}: {v.get('seconds', 0) / 60:.1f} min" for k, v in sorted(results["seeds"].items()))
     total = results.get("total_seconds", 0) + results.get("earlier_seconds", 0)
-    lines.append(f"\nWall time {total / 60:.1f} min in all (training + evaluation per seed: {per_seed}).")
+    side = " (seeds run as parallel processes: the longest)" if "seconds_by_file" in results else ""
+    lines.append(f"\nWall time {total / 60:.1f} min in all{side}; training + evaluation per seed: {per_seed}.")
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)

@@ -115,6 +115,8 @@ def register(subparsers) -> None:
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("--no-bf16", action="store_true", help="float32 instead of bfloat16 autocast")
     c.add_argument("--report-only", action="store_true", help="redraw tables and plots from results.json")
+    c.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="merge these results.json (seeds run as separate processes) into OUTPUT, then report")
     c.set_defaults(func=cmd_caption_experiment)
 
     cal.set_defaults(func=lambda args: (cal.print_help(), 2)[1])
@@ -275,6 +277,13 @@ def cmd_caption_experiment(args: argparse.Namespace) -> int:
     )
 
     out = Path(args.output)
+    if args.merge:
+        from lexvla.cal.caption_experiment import merge_results
+
+        out.mkdir(parents=True, exist_ok=True)
+        merged = merge_results(args.merge)
+        (out / "results.json").write_text(json.dumps(merged, indent=1))
+        args.report_only = True
     if args.report_only:
         write_caption_report(json.loads((out / "results.json").read_text()), out)
         _say((out / "results.md").read_text())
