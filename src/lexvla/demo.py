@@ -14,7 +14,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -300,13 +299,11 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
             main_enc = enc
         if dense is not None:
             retrieval[label]["dense"] = _row(_retrieval(dense, data, Sparsification.none(), cfg.progress)[1])
-    th = 1.0 / math.sqrt(len(lex.vocab))
-    txt = main_enc.texts * (main_enc.texts > th)
-    img = main_enc.images * (main_enc.images > th)
+    txt, img = spars(main_enc.texts), spars(main_enc.images)
     words = list(lex.vocab.words)
     after = [(w.word, w.active_share) for w in overused_outside_caption(txt, main_data.texts, words, 10)]
     before_words = ([(w.word, w.active_share) for w in overused_outside_caption(
-        before * (before > th), main_data.texts, words, 10)] if before is not None else [])
+        spars(before), main_data.texts, words, 10)] if before is not None else [])
     hit = (txt @ img.T).argmax(1)  # each caption's top image
     shares = top_word_share(txt, img[hit], k=5)
     top5 = {"mean": float(shares.mean()), "median": float(shares.median()),

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MapperConfig
+from ..sparsification import Sparsification
 
 
 class LexicalMapper(nn.Module):
@@ -39,8 +40,7 @@ class LexicalMapper(nn.Module):
         k = self.cfg.max_words
         if k is None or k >= x.shape[-1]:
             return x
-        idx = x.topk(k, dim=-1).indices
-        return x * torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True)
+        return Sparsification(None, topk=k)(x)  # the one top-k rule
 
     def text(self, scores: torch.Tensor) -> torch.Tensor:
         """(B, V) last-token scores -> (B, V) lexical vectors."""
