@@ -63,7 +63,7 @@ class CaptionExperimentConfig:
     """
 
     concepts: str = "emoji-noto"
-    n_concepts: int = 32
+    n_concepts: int = 24
     train_views: int = 8
     test_views: int = 2
     keywords: int = 2
@@ -76,9 +76,9 @@ class CaptionExperimentConfig:
     image_tokens: int = 4
     image_size: int = 64
     caption_prompt: str = "<image>Emoji:"
-    steps: int = 40
-    batch_size: int = 16
-    lr: float = 2e-3
+    steps: int = 30
+    batch_size: int = 12
+    lr: float = 3e-3
     warmup_steps: int = 5
     cal: CALConfig = field(default_factory=CALConfig)
     finder: FinderConfig = field(default_factory=FinderConfig)
