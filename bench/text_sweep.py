@@ -24,6 +24,7 @@ import torch
 RUNS: dict[str, dict[str, Any]] = {
     # text side frozen (today's default) vs LoRA on the top 2 LLM layers
     "frozen": {"lora": None},
+    "frozen-k64": {"lora": None, "mapper": {"max_words": 64}},
     "lora2": {},
     "lora2-log1p": {"mapper": {"activation": "log1p_relu"}},
     "lora2-log1p-m3": {"mapper": {"activation": "log1p_relu", "margin": 3.0}},
@@ -91,8 +92,9 @@ def run(name: str, args: argparse.Namespace, models: dict[str, Any]) -> dict[str
     frozen = model.config.text.lora is None
     tcfg = TrainConfig.from_dict({
         "model": {"name": args.model},
-        "data": {"source": args.data, "options": {"split": "train", "captions": list(args.captions),
-                                                  "caption_mode": "random"},
+        "data": {"source": args.train_source,
+                 "options": {"captions": list(args.captions), "caption_mode": "random",
+                             **({} if args.train_source == "emoji-heldout" else {"split": "train"})},
                  "batch_size": args.batch, "feature_cache": "auto", "text_cache": "auto" if frozen else None},
         "optim": {"lr": {"adapter": 1e-3, "visual_codebook": 1e-3, "lora": args.lr_lora, "temperature": 1e-3},
                   "weight_decay": {"adapter": 0.0}, "warmup_steps": min(20, args.steps // 4)},
@@ -136,10 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", required=True, help=f"comma-separated names from {sorted(RUNS)}")
     p.add_argument("--model", default="lexvla-embedded")
-    p.add_argument("--data", default="emoji-noto")
+    p.add_argument("--train-source", default="emoji-heldout",
+                   help="training source (emoji-heldout: Noto + OpenMoji outside held-out concepts and subgroups, "
+                        "as the demo)")
+    p.add_argument("--data", default="emoji-noto", help="retrieval set to evaluate on")
     p.add_argument("--split", default="test")
     p.add_argument("--captions", default="emoji", help="caption set names, comma-separated")
-    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr-lora", type=float, default=5e-4)
     p.add_argument("--work", default="/tmp/lexvla-sweep")
@@ -147,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.captions = tuple(args.captions.split(","))
     logging.basicConfig(level=logging.WARNING)
+    from lexvla.data.sampling import register_sources
+
+    register_sources()
     models: dict[str, Any] = {}
     for name in args.runs.split(","):
         res = run(name, args, models)

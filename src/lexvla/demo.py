@@ -62,7 +62,7 @@ class DemoConfig:
 
     model: str = "lexvla-embedded"
     data: str = "emoji"
-    steps: int = 150
+    steps: int = 60
     batch_size: int = 32
     lr: float = 1e-3  # adapter, visual codebook, temperature
     lr_lora: float = 5e-4

@@ -248,6 +248,6 @@ def write_demo_report(out_dir: str | Path, cfg: Any, model: Any, dense: Any, dat
            ["trained in this run", "yes" if result.trained_now else "no (cached)"],
            *[[f"time: {k} (s)", v] for k, v in result.timings.items()]]
     sections.append(HtmlSection("Run", body=words_table(run, ["", ""])))
-    intro = (f"LexVLA ({cfg.model}) and a dense CLIP-style baseline, trained by <code>lexvla demo</code> on the "
+    intro = (f"LexVLA ({cfg.model}) and a dense CLIP-style baseline, trained by `lexvla demo` on the "
              "CPU on the same frozen features, data and LLM, compared on data neither saw in training.")
     return write_html_page(out / "index.html", "LexVLA demo: words you can read", sections, intro)
