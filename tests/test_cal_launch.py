@@ -101,6 +101,8 @@ def test_cal_resume_after_sigkill_of_one_rank_is_exact(cal_runs: dict) -> None:
     got = load_file(out / "checkpoints" / f"step-{STEPS}" / "trainable.safetensors")
     differ = {k: float((ref[k] - got[k]).abs().max()) for k in ref if not torch.equal(ref[k], got[k])}
     assert not differ, f"weights differ after resume: {differ}"
+    assert records(out, "samples.jsonl") == records(cal_runs["torchrun"][0], "samples.jsonl")
+    assert [r["loss"] for r in records(out).values()] == [r["loss"] for r in records(cal_runs["torchrun"][0]).values()]
 
 
 def test_cal_accelerate_launch_and_misconfiguration(cal_runs: dict, tmp_path: Path) -> None:

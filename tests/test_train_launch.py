@@ -233,6 +233,7 @@ def test_resume_after_sigkill_of_one_rank_is_exact(runs: dict) -> None:
     differ = {k: float((ref[k] - got[k]).abs().max()) for k in ref if not torch.equal(ref[k], got[k])}
     assert not differ, f"weights differ after resume (max abs difference): {differ}"
     assert losses(out) == losses(runs["torchrun"][0])
+    assert samples(out) == samples(runs["torchrun"][0])  # the same pairs, step by step, on the same ranks
 
 
 def test_accelerate_launch_with_grad_accum_matches_one_process(runs: dict) -> None:

@@ -33,6 +33,7 @@ from lexvla.distributed import (
     gather_objects,
 )
 from lexvla.schedule import WarmupCosine
+from lexvla.train.tracking import drop_records_after
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +207,9 @@ def train_stage(model: SmallVLM, examples: Sequence[VLMExample], features: dict[
         return writer.save(step, vlm.save_pretrained, optimizer, state)
 
     loss_fn = CALLoss(config.cal_config, enabled=config.cal)
+    if main and ckpt is not None:  # records the killed run wrote after its last checkpoint
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            drop_records_after(output_dir / name, start)
     metrics = (output_dir / "metrics.jsonl").open("a") if main else None
     t0, last = time.time(), float("nan")
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not (config.progress and main),

@@ -11,6 +11,16 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 
 
+def drop_records_after(path: str | Path, step: int) -> None:
+    """Remove the JSONL records of ``path`` whose ``step`` is past ``step`` (written by a run that was
+    killed after its last checkpoint), so a resumed log reads like one uninterrupted run."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(f"{line}\n" for line in kept))
+
+
 class MetricsLogger:
     """Append-only metric records; on resume, records after the checkpoint's step (written by the run that
     was killed) are dropped so the file reads like one uninterrupted run."""
@@ -24,9 +34,7 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(f"{line}\n" for line in kept))
+            drop_records_after(self.path, resume_step)
         elif resume_step is None and self.path.is_file():
             self.path.unlink()  # a fresh run in an old folder starts a fresh log
         if tensorboard:

@@ -30,7 +30,7 @@ from ..losses import LexVLALoss, LossOutput
 from .config import TrainConfig
 from .data import TrainStream
 from .optim import build_optimizer, build_scheduler
-from .tracking import MetricsLogger
+from .tracking import MetricsLogger, drop_records_after
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, model: Any = None,
                             resume_step=state.step if resumed is not None else None)
     tracker.record({"step": state.step, "event": "setup", **description,
                     "resumed_from": str(resumed) if resumed else None})
-    samples_log = (out_dir / "samples.jsonl").open("a" if resumed else "w") \
+    samples_log = _samples_log(out_dir, state.step if resumed else None) \
         if cfg.log_samples and acc.is_main_process else None
     validator = _Validator(cfg) if cfg.validation.dataset else None
     progress = _progress(cfg, acc, total_steps, state.step)
@@ -317,6 +317,15 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, model: Any = None,
     tracker.close()
     acc.wait_for_everyone()
     return result
+
+
+def _samples_log(out_dir: Path, resume_step: int | None) -> Any:
+    """``samples.jsonl`` for appending (on resume without what the killed run wrote after the checkpoint)."""
+    path = out_dir / "samples.jsonl"
+    if resume_step is None:
+        return path.open("w")
+    drop_records_after(path, resume_step)
+    return path.open("a")
 
 
 def _forward(model: Any, batch: Any, text_vectors: torch.Tensor | None) -> Any:
