@@ -166,3 +166,23 @@ def test_grad_accum_is_one_contrastive_batch() -> None:
         assert float(cached.terms[k]) == pytest.approx(float(res.terms[k]), rel=1e-5, abs=1e-9), k
     for p, r in zip(trained, ref, strict=True):
         torch.testing.assert_close(p.grad, r, rtol=1e-4, atol=1e-7)
+
+
+def test_launch_environment_is_read_in_one_place() -> None:
+    from lexvla.distributed import DistributedSetupError, LaunchEnv, check_launch
+
+    assert LaunchEnv.from_environ({}) == LaunchEnv(1, 0, 0, "single", "")
+    env = {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "TORCHELASTIC_RUN_ID": "x"}
+    assert LaunchEnv.from_environ(env) == LaunchEnv(4, 3, 1, "torchrun", "WORLD_SIZE")
+    assert LaunchEnv.from_environ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1"}).launcher == "mpirun"
+    assert LaunchEnv.from_environ({**env, "ACCELERATE_MIXED_PRECISION": "no"}).launcher == "accelerate"
+    with pytest.raises(DistributedSetupError, match="no RANK is set"):
+        LaunchEnv.from_environ({"WORLD_SIZE": "2"})
+    with pytest.raises(DistributedSetupError, match="outside WORLD_SIZE=2"):
+        LaunchEnv.from_environ({"WORLD_SIZE": "2", "RANK": "2"})
+    with pytest.raises(DistributedSetupError, match="not an integer"):
+        LaunchEnv.from_environ({"WORLD_SIZE": "two"})
+    # `accelerate launch --cpu --num_processes 2`: one process, MASTER_ADDR exported, no WORLD_SIZE
+    with pytest.raises(DistributedSetupError, match="started a single process"):
+        check_launch({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
+    assert check_launch({"ACCELERATE_USE_CPU": "True"}).world_size == 1  # --cpu, one process: fine
