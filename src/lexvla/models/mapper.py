@@ -36,11 +36,19 @@ class LexicalMapper(nn.Module):
         return F.normalize(x, dim=-1, eps=1e-12)
 
     def cap(self, x: torch.Tensor) -> torch.Tensor:
-        """Keep the ``max_words`` largest entries of each vector (all when unset)."""
+        """Keep the ``max_words`` largest entries of each vector (all when unset).
+
+        The forward value is the capped vector; its gradient reaches every entry (straight-through). With
+        a hard cap a word outside an image's top k gets no gradient, so at the start of training (random
+        adapter, disjoint image and caption top-k sets, every similarity 0) nothing would move.
+        """
         k = self.cfg.max_words
         if k is None or k >= x.shape[-1]:
             return x
-        return Sparsification(None, topk=k)(x)  # the one top-k rule
+        kept = Sparsification(None, topk=k)(x)  # the one top-k rule
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return kept
+        return kept + (x - x.detach()) - (kept - kept.detach())
 
     def text(self, scores: torch.Tensor) -> torch.Tensor:
         """(B, V) last-token scores -> (B, V) lexical vectors."""
