@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from lexvla.index import ModelRecord, SparseIndex
 from lexvla.index.synthetic import VectorStats, generate, measure, measure_side, zipf_sparse
 from lexvla.vocab import Vocabulary
-
-REALISTIC = Path(__file__).resolve().parents[1] / "bench" / "results" / "vector_stats_embedded_top64.json"
 
 
 def test_generator_reproduces_the_statistics_it_is_given():
@@ -46,19 +42,14 @@ def test_variable_lengths_and_stats_file(tmp_path):
         VectorStats.load(tmp_path / "bad.json")
 
 
-@pytest.mark.parametrize("workload", ["zipf"])
-def test_seismic_defaults_keep_recall_on_generated_collections(tmp_path, workload):
+def test_seismic_defaults_keep_recall_on_a_generated_collection(tmp_path):
     """The fixed defaults (n_postings, query_cut, heap_factor) with pruning really active: V x n_postings
     keeps a fraction of the postings, as at a million items. Not on the "realistic" workload of today's
     untrained model (flat weights, very frequent words): no fixed setting reaches 0.95 there (the sweep
     in docs/search.md), which is why the exact backend stays the default."""
     pytest.importorskip("seismic")
     dim, n = 1500, 8000
-    if workload == "realistic":
-        stats = VectorStats.load(REALISTIC)
-        docs, queries = generate(stats.docs, n, dim, seed=1), generate(stats.queries, 200, dim, seed=2)
-    else:
-        docs, queries = zipf_sparse(n, dim, 64, 1.0, seed=1), zipf_sparse(200, dim, 30, 1.0, seed=2)
+    docs, queries = zipf_sparse(n, dim, 64, 1.0, seed=1), zipf_sparse(200, dim, 30, 1.0, seed=2)
     vocab = Vocabulary([f"w{i}" for i in range(dim)], list(range(dim)))
     index = SparseIndex.create(tmp_path, vocab, ModelRecord("synthetic", "fp", vocab.fingerprint(), dim),
                                backend="seismic")
@@ -70,4 +61,4 @@ def test_seismic_defaults_keep_recall_on_generated_collections(tmp_path, workloa
     found = backend.search(queries, 10)
     recall = np.mean([len(set(c.rows.tolist()) & set(r.tolist())) / 10 for c, r in zip(found, ref)])
     index.close()
-    assert recall >= 0.95, f"Seismic defaults: recall@10 = {recall:.3f} on the {workload} workload"
+    assert recall >= 0.95, f"Seismic defaults: recall@10 = {recall:.3f}"
