@@ -246,7 +246,7 @@ def test_batched_queries_return_what_single_ones_do(web_index, tiny_model):
     index = SparseIndex.open(web_index[0])
     single = SearchService(tiny_model, index, WebConfig(query_cache=0, batch_size=1, default_k=4))
     batched = SearchService(tiny_model, index, WebConfig(query_cache=0, batch_size=8, batch_wait_ms=2000,
-                                                         default_k=4))
+                                                         default_k=4, encoders=1))
     batched.batcher._expect = lambda: len(QUERIES)  # wait for all of them: one batch, deterministically
     try:
         alone = [_hits(single.search_text(q)) for q in QUERIES]

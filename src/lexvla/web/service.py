@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import queue
 import threading
 import time
@@ -73,6 +74,9 @@ class WebConfig:
     # torch intra-op threads in the encoder and worker threads (0: leave torch's setting). Set per thread:
     # OpenMP gives every new thread the default (all cores), whatever the main thread asked for.
     torch_threads: int = 0
+    # Encoder threads taking batches from the query queue (0: one per core, at most 4): with one torch
+    # thread each, a second batch runs on the second core instead of waiting for the first.
+    encoders: int = 0
     upload_formats: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 
     def __post_init__(self) -> None:
@@ -84,8 +88,8 @@ class WebConfig:
             raise ValueError("max_query_chars, tile_words and cache_items must be >= 1")
         if self.batch_size < 1 or self.workers < 1 or self.query_cache < 0 or self.batch_wait_ms < 0:
             raise ValueError("batch_size and workers must be >= 1, query_cache and batch_wait_ms >= 0")
-        if self.torch_threads < 0:
-            raise ValueError(f"torch_threads must be >= 0, got {self.torch_threads}")
+        if self.torch_threads < 0 or self.encoders < 0:
+            raise ValueError(f"torch_threads and encoders must be >= 0, got {self.torch_threads}, {self.encoders}")
         unknown = set(self.upload_formats) - set(IMAGE_MEDIA_TYPES)
         if unknown:
             raise ValueError(f"upload_formats {sorted(unknown)} not supported; choose from {sorted(IMAGE_MEDIA_TYPES)}")
@@ -139,7 +143,8 @@ class QueryBatcher:
     """
 
     def __init__(self, encode: Callable[[list[str]], Any], batch_size: int, wait_s: float,
-                 expect: Callable[[], int] = lambda: 1, init: Callable[[], None] | None = None) -> None:
+                 expect: Callable[[], int] = lambda: 1, init: Callable[[], None] | None = None,
+                 threads: int = 1) -> None:
         self._encode = encode
         self._init = init
         self.batch_size = batch_size
@@ -148,8 +153,11 @@ class QueryBatcher:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self.batches = 0  # model calls made (for tests and logs)
         self.encoded = 0  # texts encoded
-        self._thread = threading.Thread(target=self._run, name="lexvla-query-encoder", daemon=True)
-        self._thread.start()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, name=f"lexvla-query-encoder-{i}", daemon=True)
+                         for i in range(max(threads, 1))]
+        for t in self._threads:
+            t.start()
 
     def encode(self, text: str) -> Any:
         done: Future = Future()
@@ -157,7 +165,8 @@ class QueryBatcher:
         return done.result()
 
     def close(self) -> None:
-        self._queue.put(None)
+        for _ in self._threads:
+            self._queue.put(None)
 
     def _run(self) -> None:
         if self._init is not None:
@@ -180,15 +189,16 @@ class QueryBatcher:
                     except queue.Empty:
                         break
                 if item is None:  # closed while collecting: finish this batch, then stop
-                    self._queue.put(None)
+                    self._queue.put(None)  # (this thread's stop marker goes back for its next get)
                     break
                 batch.append(item)
             texts = list(dict.fromkeys(t for t, _ in batch))
             try:
                 rows = self._encode(texts)
                 by_text = {t: rows[i] for i, t in enumerate(texts)}
-                self.batches += 1
-                self.encoded += len(texts)
+                with self._lock:
+                    self.batches += 1
+                    self.encoded += len(texts)
                 for t, done in batch:
                     done.set_result(by_text[t])
             except BaseException as err:  # noqa: BLE001 - every waiting request gets the error
@@ -230,8 +240,9 @@ class SearchService:
         self._in_flight_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(self.config.workers, thread_name_prefix="lexvla-web",
                                        initializer=self._pin_threads)
+        encoders = self.config.encoders or max(1, min(4, (os.cpu_count() or 1) // max(self.config.torch_threads, 1)))
         self.batcher = QueryBatcher(self._encode_texts, self.config.batch_size, self.config.batch_wait_ms / 1000,
-                                    expect=lambda: self._in_flight, init=self._pin_threads)
+                                    expect=lambda: self._in_flight, init=self._pin_threads, threads=encoders)
 
     def _pin_threads(self) -> None:
         if self.config.torch_threads:
