@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,6 +94,9 @@ def test_training_run_outputs(setup, shared_model) -> None:
     assert ref.pairs_per_second > 0
     # the unreadable image and the empty caption are counted, never dropped silently
     assert ref.skipped >= 1 and "unreadable_image" in ref.skip_report and "empty_caption" in ref.skip_report
+    # one total: the count printed and saved agrees with the report (read-time skips included)
+    reported = int(re.search(r"(\d+) skipped", ref.skip_report.splitlines()[0]).group(1))
+    assert ref.skipped_reading >= 1 and ref.skipped + ref.skipped_reading == reported
     losses = _losses(out)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())

@@ -196,7 +196,10 @@ class TrainStream:
                              f"{self.local_batch} per process")
         self.epoch = 0
         self.batches_in_epoch = 0
-        self.skipped = 0  # unusable samples this process met (all reasons)
+        self.skipped = 0  # unusable samples this process met in batches (all reasons)
+        # Samples dropped while the source read its data (and the caches read every image): every rank
+        # reads the same data, so one rank counts them. Not saved in checkpoints: a resumed run reads again.
+        self.read_skips = self.stats.skipped if accelerator.is_main_process else 0
         self._it: Iterator[Batch] | None = None
 
     # ------------------------------------------------------------------ caches

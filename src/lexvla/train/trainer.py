@@ -70,7 +70,8 @@ class TrainResult:
     pairs_per_cpu_second: float
     final_metrics: dict[str, float] = field(default_factory=dict)
     validation: list[dict[str, Any]] = field(default_factory=list)
-    skipped: int = 0
+    skipped: int = 0  # samples drawn into batches but unusable (samples_seen + skipped = pairs drawn)
+    skipped_reading: int = 0  # samples the source dropped while reading its data (before any batch)
     skip_report: str = ""
     resumed_from: str | None = None
     setup: dict[str, Any] = field(default_factory=dict)  # world size, rank, device, backend, batches, ...
@@ -299,8 +300,10 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, model: Any = None,
         core.save_pretrained(model_dir)
     skipped = _global_state(acc, state, stream).skipped
     report = stream.stats.report()
-    if skipped:
-        logger.warning("skipped %d unusable samples during training:\n%s", skipped, report)
+    if skipped or stream.read_skips:
+        # one total that agrees with the report below it: read-time skips are part of it
+        logger.warning("skipped %d unusable samples (%d while reading the data, %d in batches):\n%s",
+                       skipped + stream.read_skips, stream.read_skips, skipped, report)
     # The first step of a process pays for warm-up (allocations, lazy inits); leave it out when we can.
     timed = slice(1, None) if len(step_seconds) > 1 else slice(None)
     seconds, cpu = sum(step_seconds[timed]), sum(step_cpu[timed])
@@ -310,7 +313,8 @@ def train(cfg: TrainConfig, resume: str | bool | None = None, model: Any = None,
         pairs_per_second=sum(step_pairs[timed]) / seconds if seconds > 0 else 0.0,
         pairs_per_cpu_second=sum(step_pairs[timed]) / cpu if cpu > 0 else 0.0,
         final_metrics=metrics, validation=validator.history if validator else [], skipped=skipped,
-        skip_report=report, resumed_from=str(resumed) if resumed else None, setup=description,
+        skipped_reading=stream.read_skips, skip_report=report,
+        resumed_from=str(resumed) if resumed else None, setup=description,
     )
     if acc.is_main_process:
         (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
