@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -302,7 +303,8 @@ def run_caption_experiment(config: CaptionExperimentConfig, output_dir: str | Pa
         seed_dir.mkdir(exist_ok=True)
         with (seed_dir / "heldout.jsonl").open("w") as f:
             for c in heldout:
-                f.write(json.dumps({"image": c.image, "caption": c.text, "noisy": c.noisy, "concept": c.concept,
+                image = os.path.relpath(Path(c.image).resolve(), seed_dir.resolve())  # relative to the manifest
+                f.write(json.dumps({"image": image, "caption": c.text, "noisy": c.noisy, "concept": c.concept,
                                     "injected_words": [w.text for w in c.words() if w.injected and w.content]}) + "\n")
         t0 = time.time()
         features = compute_features(backbone, [c.image for c in train + test], cache=out / "features")
