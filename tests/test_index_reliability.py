@@ -182,14 +182,14 @@ def test_byte_flips_in_every_index_file_never_crash_or_change_results(tmp_path: 
 
 def test_bounds_are_checked_even_when_the_checksums_are_rewritten(tmp_path: Path) -> None:
     """A lowered nnz in manifest.json used to change results silently."""
-    from lexvla.index.store import _manifest_digest
+    from lexvla.index.store import json_digest
 
     make(tmp_path).close()
     path = tmp_path / "images" / "manifest.json"
     data = json.loads(path.read_text())
     data["shards"][1]["nnz"] -= 5
     data.pop("checksum")
-    data["checksum"] = _manifest_digest(data)
+    data["checksum"] = json_digest(data)
     path.write_text(json.dumps(data))
     with pytest.raises(CorruptIndexError, match="shard-000001"):
         results(tmp_path)
@@ -221,7 +221,8 @@ def test_ids_are_unique_across_adds_and_duplicates_are_named(tmp_path: Path, tin
 # ------------------------------------------------------------------------------------ Milvus address
 def test_a_milvus_address_read_from_the_index_is_never_connected_to(tmp_path: Path, monkeypatch) -> None:
     pytest.importorskip("pymilvus")
-    from lexvla.index.core import INDEX_FILE, _meta_digest
+    from lexvla.index.core import INDEX_FILE
+    from lexvla.index.store import json_digest
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -233,7 +234,7 @@ def test_a_milvus_address_read_from_the_index_is_never_connected_to(tmp_path: Pa
     meta.pop("checksum")
     meta["backend"] = "milvus"
     meta["backend_options"] = {"milvus": {"uri": f"http://127.0.0.1:{port}"}}
-    meta["checksum"] = _meta_digest(meta)  # an attacker can write a consistent file
+    meta["checksum"] = json_digest(meta)  # an attacker can write a consistent file
     (tmp_path / INDEX_FILE).write_text(json.dumps(meta))
     monkeypatch.delenv("LEXVLA_INDEX_URI", raising=False)
     with SparseIndex.open(tmp_path) as index, pytest.raises(ValueError, match="--uri"):

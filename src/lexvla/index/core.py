@@ -18,7 +18,6 @@ first, readers take no lock and pick up commits by another process at their next
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ import scipy.sparse as sp
 
 from lexvla.index.backends import SearchBackend, create_backend, get_backend
 from lexvla.index.explain import Hit, explain_rows
-from lexvla.index.store import CorruptIndexError, StoreManifest, VectorStore
+from lexvla.index.store import CorruptIndexError, StoreManifest, VectorStore, json_digest, read_checked_json
 from lexvla.io import WriterLock, atomic_write_text, clean_stale_tmp
 from lexvla.sparsification import Sparsification
 from lexvla.vocab import Vocabulary
@@ -48,13 +47,8 @@ COLLECTIONS = ("images", "texts")
 URI_ENV = "LEXVLA_INDEX_URI"  # a server address given by the environment, like --uri
 
 
-def _meta_digest(meta: dict) -> str:
-    return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "checksum"},
-                                     sort_keys=True).encode()).hexdigest()
-
-
 def _write_meta(path: Path, meta: dict) -> None:
-    atomic_write_text(path / INDEX_FILE, json.dumps({**meta, "checksum": _meta_digest(meta)}, indent=1))
+    atomic_write_text(path / INDEX_FILE, json.dumps({**meta, "checksum": json_digest(meta)}, indent=1))
 
 
 def writer_lock(path: str | Path) -> WriterLock:
@@ -188,15 +182,7 @@ class SparseIndex:
             raise FileNotFoundError(f"{path} is not a lexvla index (no {INDEX_FILE}); build one with "
                                     "`lexvla index build`")
         meta_file = path / INDEX_FILE
-        try:
-            meta = json.loads(meta_file.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CorruptIndexError(f"{meta_file}: damaged, not JSON ({err})") from None
-        if not isinstance(meta, dict):
-            raise CorruptIndexError(f"{meta_file}: damaged, not a JSON object")
-        checksum = meta.pop("checksum", None)
-        if checksum is not None and checksum != _meta_digest(meta):
-            raise CorruptIndexError(f"{meta_file}: damaged (its checksum does not match its content)")
+        meta = read_checked_json(meta_file)
         if meta.get("format") != INDEX_FORMAT:
             raise ValueError(f"{path}: unsupported index format {meta.get('format')!r}")
         try:

@@ -82,9 +82,28 @@ def digest_matches(path: Path, want: object) -> bool:
         return False
 
 
-def _manifest_digest(data: dict) -> str:
+def json_digest(data: dict) -> str:
+    """sha256 of a JSON object's content (its own ``checksum`` field left out, keys sorted)."""
     body = {k: v for k, v in data.items() if k != "checksum"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def read_checked_json(path: Path) -> dict:
+    """A JSON object written with a ``checksum`` field (index.json, the store manifest), checksum removed.
+
+    Every kind of damage is one :class:`CorruptIndexError` naming the file; files written before
+    checksums existed (no field) are accepted as they are.
+    """
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptIndexError(f"{path}: damaged, not JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise CorruptIndexError(f"{path}: damaged, not a JSON object")
+    checksum = data.pop("checksum", None)
+    if checksum is not None and checksum != json_digest(data):
+        raise CorruptIndexError(f"{path}: damaged (its checksum does not match its content)")
+    return data
 
 
 @dataclass
@@ -428,7 +447,7 @@ class VectorStore:
     def _commit(self) -> None:
         self.manifest.generation += 1
         data = asdict(self.manifest)
-        data["checksum"] = _manifest_digest(data)
+        data["checksum"] = json_digest(data)
         self.directory.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.directory / MANIFEST, json.dumps(data))
         self._stamp = _stamp(self.directory / MANIFEST)
@@ -449,15 +468,7 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
 
 def _read_manifest(path: Path) -> StoreManifest:
     """Parse and check a manifest; every kind of damage is one CorruptIndexError naming the file."""
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CorruptIndexError(f"{path}: damaged, not JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise CorruptIndexError(f"{path}: damaged, not a JSON object")
-    checksum = data.pop("checksum", None)
-    if checksum is not None and checksum != _manifest_digest(data):
-        raise CorruptIndexError(f"{path}: damaged (its checksum does not match its content)")
+    data = read_checked_json(path)
     if data.get("format") != STORE_FORMAT:
         raise ValueError(f"{path}: unsupported store format {data.get('format')!r} (expected {STORE_FORMAT})")
     try:
