@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lexvla.cal.data import noisy_positions
+
 # Function words: never scored as content. Short on purpose; CLDR names use few of them.
 FUNCTION_WORDS = frozenset(
     ["a", "an", "the", "of", "with", "and", "or", "in", "on", "at", "for", "to", "from", "by", "as", "is", "are", "be", "this", "that", "it", "its", "into", "over", "under", "up", "down", "off", "out", "no", "not", "without"]
@@ -141,11 +143,7 @@ def inject_caption_noise(captions: Sequence[CaptionExample], rate: float, concep
     if len(by_name) < 2:
         raise ValueError("caption noise needs at least two concepts to draw replacements from")
     names = sorted(by_name)
-    rng = random.Random(seed)
-    order = list(range(len(captions)))
-    rng.shuffle(order)
-    draws = [rng.random() for _ in captions]  # one draw per caption, fixed across rates
-    chosen = set(order[: round(rate * len(captions))])
+    chosen, draws = noisy_positions(len(captions), rate, seed)
     out = []
     for i, cap in enumerate(captions):
         if i not in chosen:

@@ -86,6 +86,17 @@ def answer_kind(answer: str, kinds: dict[str, Sequence[str]] = EASYVQA_ANSWER_KI
     raise ValueError(f"answer {answer!r} belongs to none of the answer kinds {sorted(kinds)}")
 
 
+def noisy_positions(n: int, rate: float, seed: int) -> tuple[set[int], list[float]]:
+    """The ``round(rate * n)`` positions to corrupt and one uniform draw per position (to pick the
+    replacement). Seeded, and nested across rates: the positions chosen at a rate are among those chosen
+    at any higher rate, and a position's draw does not depend on the rate."""
+    rng = random.Random(seed)
+    order = list(range(n))
+    rng.shuffle(order)
+    draws = [rng.random() for _ in range(n)]
+    return set(order[: round(rate * n)]), draws
+
+
 def inject_label_noise(examples: Sequence[VLMExample], rate: float, seed: int = 0,
                        kinds: dict[str, Sequence[str]] = EASYVQA_ANSWER_KINDS) -> list[VLMExample]:
     """Replace the answer of a seeded ``rate`` fraction of the examples with a wrong answer of the same
@@ -93,11 +104,7 @@ def inject_label_noise(examples: Sequence[VLMExample], rate: float, seed: int = 
     20% noisy examples are among the 40%), so runs at different rates differ only by the extra noise."""
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"label noise rate must be in [0, 1], got {rate}")
-    rng = random.Random(seed)
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    wrong = [rng.random() for _ in examples]  # one draw per example, fixed across rates
-    chosen = set(order[: round(rate * len(examples))])
+    chosen, wrong = noisy_positions(len(examples), rate, seed)
     out = []
     for i, ex in enumerate(examples):
         if i not in chosen:
