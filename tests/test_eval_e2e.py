@@ -156,3 +156,25 @@ def test_cli_retrieval(tmp_path, cache_root, capsys, monkeypatch, model):
     assert saved["sparsification"] == {"spec": "topk:64", "mode": "topk", "threshold": None, "topk": 64,
                                        "value": 64.0, "default_threshold": False}
     assert saved["active_words"]["text"] <= 64
+
+
+def test_patchdis_present_classes_and_image_size(tmp_path, model):
+    """classes="present": an image whose ground truth holds one class gets it on every patch; image_size
+    encodes on a larger grid with the same patch stride, and the model's own size comes back after."""
+    folder = tmp_path / "mf"
+    _colour_images(folder / "images", 2)
+    (folder / "masks").mkdir()
+    for i in range(2):
+        m = np.zeros((30, 40), np.uint8)
+        m[5:25, 5:35] = 1 + i  # image 0: cat only, image 1: dog only
+        Image.fromarray(m).save(folder / "masks" / f"{i}.png")
+    (folder / "class_names.txt").write_text("background\ncat\ndog\nbird\n")
+    data = load_segmentation_set("masks-folder", SegDataConfig(root=folder))
+    res = evaluate_patchdis(model, data, PatchDisConfig(progress=False, figures=0, classes="present"))
+    assert res.pixel_accuracy == 1.0 and res.miou == 1.0 and res.classes == "present"
+    assert model.backbone.cfg.image_size == 56 and model.backbone.grid == (4, 4)
+    big = evaluate_patchdis(model, data, PatchDisConfig(progress=False, figures=0, image_size=112))
+    assert big.grid == (8, 8) and big.image_size == 112
+    assert model.backbone.grid == (4, 4) and model.backbone.preprocess.image_size == 56  # restored
+    with pytest.raises(ValueError, match="patch stride"), model.backbone.at_image_size(100):
+        pass

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 
 import lexvla
 from lexvla._assets import AssetNotFoundError
@@ -181,3 +182,19 @@ def test_encoding_keeps_no_autograd_graph_unless_asked(tiny_model):
     assert tiny_model.encode_image(_images(1), grad=True).vectors.requires_grad
     out = tiny_model(texts=["a cat", "a dog"], pixels=_images(2))
     assert out.image.vectors.requires_grad and out.text.vectors.grad_fn is not None
+
+
+def test_backbone_at_image_size_keeps_the_patch_stride():
+    """A 64 px VGG with a 4x4 grid encodes 224 px on 14x14 patches of 16 px; sizes that break the
+    stride are refused, and the configured size is restored after the block."""
+    from lexvla.config import BackboneConfig
+    from lexvla.models.backbones import create_backbone
+
+    bb = create_backbone(BackboneConfig(name="vgg16bn", source="random", image_size=64, taps=(12, 22), grid=4))
+    with bb.at_image_size(224):
+        pixels = bb.preprocess([Image.new("RGB", (50, 30), "red")])
+        tokens = bb(pixels)
+        assert pixels.shape[-2:] == (224, 224) and bb.grid == (14, 14) and tokens.shape == (1, 196, bb.embed_dim)
+    assert bb.grid == (4, 4) and bb.preprocess.image_size == 64
+    with pytest.raises(ValueError, match="multiple of 16 px"):
+        bb.scaled_grid(100)

