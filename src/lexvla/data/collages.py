@@ -82,13 +82,15 @@ class Placement:
 class Collage:
     id: str
     image: np.ndarray  # (H, W, 3) uint8
-    mask: np.ndarray  # (H, W) uint8: class index, 0 = background, 255 = ignore
+    mask: np.ndarray | None  # (H, W) uint8: class index, 0 = background, 255 = ignore (None: not drawn)
     placements: list[Placement]
     background: str
 
 
 def label_from_alphas(size: int, placements: list[Placement]) -> np.ndarray:
     """The label map of pasted alphas in paste order (see the module docstring)."""
+    if any(p.label >= IGNORE for p in placements):
+        raise ValueError(f"class indices must be below {IGNORE} (the ignore label) for a uint8 mask")
     mask = np.zeros((size, size), np.uint8)
     for p in placements:
         a = p.alpha
@@ -160,11 +162,18 @@ class CollageSet:
 
     def _cutout(self, im: EmojiImage) -> Image.Image:
         if im.id not in self._rgba:
+            if len(self._rgba) >= 1024:  # thousands of training collages: keep memory bounded
+                self._rgba.pop(next(iter(self._rgba)))
             with Image.open(im.rgba) as f:
                 self._rgba[im.id] = f.convert("RGBA")
         return self._rgba[im.id]
 
     def __getitem__(self, index: int) -> Collage:
+        return self.draw(index)
+
+    def draw(self, index: int, mask: bool = True) -> Collage:
+        """Collage ``index``; ``mask=False`` skips the label map (training collages of hundreds of
+        concepts: class indices above 254 do not fit the uint8 masks, and training needs none)."""
         if not 0 <= index < len(self):
             raise IndexError(f"collage {index} outside 0..{len(self) - 1}")
         cfg = self.config
@@ -183,9 +192,9 @@ class CollageSet:
             left, top = int(rng.integers(0, cfg.size - side + 1)), int(rng.integers(0, cfg.size - side + 1))
             canvas.alpha_composite(obj, (left, top))
             placements.append(Placement(im.id, int(k) + 1, left, top, np.asarray(obj.getchannel("A"))))
-        mask = label_from_alphas(cfg.size, placements)
+        labels = label_from_alphas(cfg.size, placements) if mask else None
         image = np.asarray(canvas.convert("RGB"))
-        return Collage(f"collage-{cfg.split}-{cfg.seed}-{index:05d}", image, mask, placements, kind)
+        return Collage(f"collage-{cfg.split}-{cfg.seed}-{index:05d}", image, labels, placements, kind)
 
     def _drawn(self, index: int) -> Collage:
         """The last few collages drawn stay in memory: the image and the mask of one are asked apart."""

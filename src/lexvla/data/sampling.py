@@ -103,8 +103,12 @@ def emoji_heldout(styles: tuple[str, ...] = ("noto", "openmoji"), splits: tuple[
 
 
 def register_sources() -> None:
-    """Register ``easy-vqa-balanced`` and ``emoji-heldout`` as training sources (idempotent)."""
+    """Register ``easy-vqa-balanced``, ``emoji-heldout`` and ``emoji-heldout-collages``
+    (:mod:`lexvla.data.train_collages`) as training sources (idempotent)."""
     from ..train.data import TRAIN_SOURCES, register_train_source
+    from .train_collages import register as register_collages
+
+    register_collages()
 
     if BALANCED_SOURCE not in TRAIN_SOURCES:
         @register_train_source(BALANCED_SOURCE)
