@@ -73,6 +73,8 @@ def test_register_adds_the_demo_command():
         "lexvla-tiny", 3, 40, 20, 4, "x", True)
     assert callable(args.func)
     assert parser.parse_args(["demo"]).train_images == DemoConfig().train_images
+    args = parser.parse_args(["demo", "--train-collages", "500", "--patchdis-image-size", "224"])
+    assert (args.train_collages, args.patchdis_image_size) == (500, 224)
 
 
 def test_demo_smoke_on_tiny_model(tmp_path):
@@ -80,7 +82,7 @@ def test_demo_smoke_on_tiny_model(tmp_path):
     baseline, evaluate both, report; a rerun reuses the trained checkpoints."""
     cfg = DemoConfig(model="lexvla-tiny", data="easy-vqa", steps=2, batch_size=4, train_images=30, test_images=16,
                      collages=4, output_dir=str(tmp_path / "report"), cache_dir=str(tmp_path / "cache"), examples=2,
-                     progress=False)
+                     progress=False, patchdis_image_size=112)
     first = run_demo(cfg)
     assert first.trained_now
     report = tmp_path / "report"
@@ -97,6 +99,8 @@ def test_demo_smoke_on_tiny_model(tmp_path):
             assert 0.0 <= d["R@1"] <= d["R@5"] <= d["R@10"] <= 1.0
     assert row["dense"]["words"]["image"] == 32  # the tiny LLM's width: dense
     assert 0.0 <= first.patchdis["lexvla"] <= 1.0 and 0.0 <= first.patchdis["dense"] <= 1.0
+    assert 0.0 <= first.patchdis["lexvla_present"] <= 1.0 and 0.0 <= first.patchdis["dense_present"] <= 1.0
+    assert first.patchdis["grid"] == [8, 8]  # 112 px on the 56 px tiny model: the 4x4 grid scaled
     assert first.overused_before and 0.0 <= first.top5_share["mean"] <= 1.0
     saved = json.loads((report / "results.json").read_text())
     assert saved["retrieval"] == first.retrieval

@@ -71,6 +71,10 @@ class DemoConfig:
     train_images: int | None = None  # easy-vqa: first N train images
     test_images: int | None = None  # first N images of each retrieval set
     collages: int = 100  # PatchDis collages
+    # Training collages of TRAIN-concept emoji added to the emoji pairs (lexvla.data.train_collages); 0 = none
+    train_collages: int = 0
+    # PatchDis encode size (grid scaled to keep the trained patch stride); None = the model's own size
+    patchdis_image_size: int | None = None
     output_dir: str = "reports/demo"
     cache_dir: str | None = None  # root of the demo's caches (None = the project cache, $LEXVLA_CACHE)
     retrain: bool = False
@@ -91,11 +95,14 @@ class DemoConfig:
                 raise ValueError(f"{name} must be positive or None, got {value}")
         if self.examples < 1 or self.collages < 1:
             raise ValueError("examples and collages must be >= 1")
+        if self.train_collages < 0:
+            raise ValueError(f"train_collages must be >= 0, got {self.train_collages}")
 
     def train_key(self, model_config: dict[str, Any]) -> str:
         """Identity of the trained checkpoints: everything that changes the trained weights."""
         fields = {k: v for k, v in asdict(self).items()
-                  if k not in ("output_dir", "cache_dir", "retrain", "examples", "progress", "test_images", "collages")}
+                  if k not in ("output_dir", "cache_dir", "retrain", "examples", "progress", "test_images", "collages",
+                           "patchdis_image_size")}
         payload = json.dumps({"demo": fields, "model": model_config, "version": 2}, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -138,6 +145,12 @@ def _train_config(cfg: DemoConfig, out: Path, dense: bool):
 
     preset = PRESETS[cfg.data]
     options = dict(preset.options)
+    source = preset.source
+    if cfg.train_collages and cfg.data == "emoji":
+        from .data.train_collages import SOURCE as COLLAGE_SOURCE
+
+        source = COLLAGE_SOURCE
+        options["collages"] = {"count": cfg.train_collages}
     if preset.balanced:
         options.update(batch_size=cfg.batch_size, batches=cfg.steps, check_pixels=False)
         if cfg.train_images:
@@ -145,7 +158,7 @@ def _train_config(cfg: DemoConfig, out: Path, dense: bool):
     base = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None
     return TrainConfig.from_dict({
         "model": {"name": cfg.model},
-        "data": {"source": preset.source, "options": options, "batch_size": cfg.batch_size,
+        "data": {"source": source, "options": options, "batch_size": cfg.batch_size,
                  "shuffle": not preset.balanced,
                  "feature_cache": str(base / "train" / "features") if base else "auto"},
         "optim": {"lr": {"adapter": cfg.lr, "visual_codebook": cfg.lr, "lora": cfg.lr_lora, "temperature": cfg.lr},
@@ -318,16 +331,23 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         from .eval import load_segmentation_set
 
         seg = load_segmentation_set(name, SegDataConfig(split=split, limit=cfg.collages))
-        pd_lex = evaluate_patchdis(lex, seg, PatchDisConfig(prompt=preset.prompt, figures=2, progress=cfg.progress),
-                                   out_dir)
-        patchdis["lexvla"] = pd_lex.miou
-        patchdis["lexvla_localisation_auc"] = pd_lex.localisation_auc
-        if dense is not None:
-            pd_dense = evaluate_patchdis(dense, seg, PatchDisConfig(prompt=preset.prompt, figures=0,
-                                                                     sparsification="none", progress=cfg.progress))
-            patchdis["dense"] = pd_dense.miou
-            patchdis["dense_localisation_auc"] = pd_dense.localisation_auc
-        patchdis["figures"] = pd_lex.figures  # type: ignore[assignment]
+        # Both models by the same code and settings; two protocols: every test concept competes for every
+        # patch (the paper's), and only the concepts present in the collage (keys with "_present").
+        for kind, m in (("lexvla", lex), ("dense", dense)):
+            if m is None:
+                continue
+            for classes, suffix in (("all", ""), ("present", "_present")):
+                first = kind == "lexvla" and classes == "all"
+                r = evaluate_patchdis(m, seg, PatchDisConfig(
+                    prompt=preset.prompt, figures=2 if first else 0, progress=cfg.progress, classes=classes,
+                    image_size=cfg.patchdis_image_size, sparsification="threshold" if kind == "lexvla" else "none"),
+                    out_dir if first else None)
+                patchdis[kind + suffix] = r.miou
+                patchdis[f"{kind}{suffix}_localisation_auc"] = r.localisation_auc
+                if first:
+                    patchdis["figures"] = r.figures  # type: ignore[assignment]
+                    patchdis["grid"] = list(r.grid) if r.grid else None  # type: ignore[assignment]
+        patchdis["image_size"] = cfg.patchdis_image_size  # type: ignore[assignment]
     clock.lap("evaluate")
 
     say("[4/4] writing the report")
@@ -360,6 +380,7 @@ def _ensure_data(cfg: DemoConfig) -> None:
 def _run(args: argparse.Namespace) -> int:
     cfg = DemoConfig(model=args.model, data=args.data, steps=args.steps, batch_size=args.batch_size,
                      dense=not args.no_dense, train_images=args.train_images or None, test_images=args.test_images,
+                     train_collages=args.train_collages, patchdis_image_size=args.patchdis_image_size,
                      output_dir=args.out, retrain=args.retrain, progress=not args.no_progress, seed=args.seed)
     say(f"LexVLA demo: trains {cfg.model} and a dense baseline on {cfg.data} on the CPU, evaluates them zero-shot "
         f"on held-out data and writes a report to {cfg.output_dir}/ (first run: under {TIME_LIMIT_MINUTES} "
@@ -372,12 +393,17 @@ def _run(args: argparse.Namespace) -> int:
                 f"T->I R@1 {m['t2i']['R@1']:.3f} R@5 {m['t2i']['R@5']:.3f}  words {m['words']['image']:.0f}/"
                 f"{m['words']['text']:.0f}")
     if r.patchdis:
-        say(f"PatchDis mIoU: lexvla {r.patchdis.get('lexvla', float('nan')):.3f}, dense "
-            f"{r.patchdis.get('dense') or float('nan'):.3f}")
+        pd = r.patchdis
+        say(f"PatchDis mIoU (all test concepts / concepts present): lexvla {_num(pd.get('lexvla'))} / "
+            f"{_num(pd.get('lexvla_present'))}, dense {_num(pd.get('dense'))} / {_num(pd.get('dense_present'))}")
     say(f"top-5 shared words carry {100 * r.top5_share['mean']:.0f}% of a hit's score (mean)")
     say(f"({'trained now' if r.trained_now else 'trained models from the cache'}; {r.seconds / 60:.1f} min)")
     say(f"report: {Path(r.report).resolve()}")
     return 0
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def register(subparsers) -> None:
@@ -391,6 +417,10 @@ def register(subparsers) -> None:
     p.add_argument("--train-images", type=int, default=d.train_images, help="easy-vqa: first N train images")
     p.add_argument("--test-images", type=int, default=None, help="evaluate on the first N images of each set")
     p.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    p.add_argument("--train-collages", type=int, default=d.train_collages,
+                   help="emoji: add N training collages of training-concept emoji (default: %(default)s)")
+    p.add_argument("--patchdis-image-size", type=int, default=d.patchdis_image_size,
+                   help="PatchDis encode size, grid scaled to keep the patch stride (default: %(default)s)")
     p.add_argument("--out", default=d.output_dir, help="report folder (default: %(default)s)")
     p.add_argument("--retrain", action="store_true", help="train again even if trained models are cached")
     p.add_argument("--seed", type=int, default=d.seed)

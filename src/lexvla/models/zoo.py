@@ -220,8 +220,9 @@ def _embedded_dinov2() -> LexVLAConfig:
         backbone=BackboneConfig(name="dinov2", source="embedded", image_size=112,
                                 arch=dict(DINOV2_ARCHS["dinov2-small"])),
         adapter=AdapterConfig(width=384, heads=6, mlp_ratio=2.0),
-        text=TextConfig(source="embedded:smollm2", arch=dict(LLM_ARCHS["smollm2-135m"])),
-        mapper=MapperConfig(),
+        # the same text side and sparsity recipe as lexvla-embedded, so the two compare backbones only
+        text=TextConfig(source="embedded:smollm2", arch=dict(LLM_ARCHS["smollm2-135m"]), lora=embedded_lora()),
+        mapper=embedded_mapper(),
     )
 
 

@@ -161,12 +161,19 @@ def write_demo_report(out_dir: str | Path, cfg: Any, model: Any, dense: Any, dat
 
     if result.patchdis:
         pd = result.patchdis
-        body = words_table([["LexVLA (words)", _fmt(pd.get("lexvla")), _fmt(pd.get("lexvla_localisation_auc"))],
-                            ["dense baseline (patch similarity)", _fmt(pd.get("dense")),
-                             _fmt(pd.get("dense_localisation_auc"))]],
-                           ["model", "PatchDis mIoU", "localisation AUC"])
-        body += paragraph(f"{len(seg.samples)} held-out collages; each patch takes the class whose prompt "
-                          f"\u201c{preset.prompt}\u201d scores highest against the patch's vector.", "note")
+        body = words_table([[label, _fmt(pd.get(key)), _fmt(pd.get(f"{key}_localisation_auc")),
+                             _fmt(pd.get(f"{key}_present"))]
+                            for label, key in (("LexVLA (words)", "lexvla"),
+                                               ("dense baseline (patch similarity)", "dense"))],
+                           ["model", "PatchDis mIoU (all test concepts)", "localisation AUC",
+                            "mIoU (concepts present in the collage)"])
+        grid = pd.get("grid")
+        body += paragraph(f"{len(seg.samples)} held-out collages"
+                          + (f", encoded at {pd['image_size']} px ({grid[0]}x{grid[1]} patches)"
+                             if pd.get("image_size") and grid else "")
+                          + f"; each patch takes the class whose prompt \u201c{preset.prompt}\u201d scores highest "
+                          f"against the patch's vector, among all {len(seg.class_names) - 1} test concepts (the "
+                          "paper's protocol) or, second number, among the 2-4 concepts in the collage.", "note")
         figs = [Path(f).name for f in pd.get("figures") or []]
         sections.append(HtmlSection("PatchDis on held-out collages", figs[0] if figs else None, body))
 
@@ -213,9 +220,13 @@ def write_demo_report(out_dir: str | Path, cfg: Any, model: Any, dense: Any, dat
     if seg is not None:
         shown = seg.samples[:2]
         images = [s.load_image() for s in shown]
-        with torch.no_grad():
+        size = (result.patchdis or {}).get("image_size")
+        with torch.no_grad(), model.backbone.at_image_size(size):  # the size PatchDis encoded at
             lex_out = model.encode_image(images, return_patches=True)
-            dense_out = dense.encode_image(images, return_patches=True) if dense is not None else None
+        dense_out = None
+        if dense is not None:
+            with torch.no_grad(), dense.backbone.at_image_size(size):
+                dense_out = dense.encode_image(images, return_patches=True)
         maps, row_titles = [], []
         for i, s in enumerate(shown):
             label = s.load_mask()
