@@ -103,6 +103,8 @@ class DemoConfig:
         fields = {k: v for k, v in asdict(self).items()
                   if k not in ("output_dir", "cache_dir", "retrain", "examples", "progress", "test_images", "collages",
                            "patchdis_image_size")}
+        if not fields["train_collages"]:  # off: the key of the runs trained before the option existed
+            del fields["train_collages"]
         payload = json.dumps({"demo": fields, "model": model_config, "version": 2}, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
