@@ -198,3 +198,21 @@ def test_backbone_at_image_size_keeps_the_patch_stride():
     assert bb.grid == (4, 4) and bb.preprocess.image_size == 64
     with pytest.raises(ValueError, match="multiple of 16 px"):
         bb.scaled_grid(100)
+
+
+def test_adapter_local_attention_keeps_far_patches_out():
+    from lexvla.config import AdapterConfig
+    from lexvla.models.vision import Adapter
+
+    a = Adapter(8, 6, AdapterConfig(width=8, heads=2)).eval()
+    x = torch.randn(1, 36, 8)  # a 6x6 grid
+    y = a(x)
+    x2 = x.clone()
+    x2[0, 35] = torch.randn(8)  # bottom-right patch
+    with a.local_attention(1):
+        near, local = a(x2), a(x)
+    assert torch.equal(near[0, 0], local[0, 0])  # (0, 0) is 5 rows away: unaffected
+    assert not torch.allclose(near[0, 28], local[0, 28])  # (4, 4) is its neighbour
+    assert a.window is None and torch.equal(a(x), y)  # restored: all patches attend again
+    with a.local_attention(5):  # spans the whole grid: the trained adapter exactly
+        assert torch.equal(a(x), y)

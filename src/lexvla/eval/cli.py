@@ -106,7 +106,7 @@ def run_patchdis(args: argparse.Namespace) -> int:
                             background_threshold=args.background_threshold,
                             sparsification=Sparsification.parse(args.sparsify), batch_size=args.batch_size,
                             figures=args.figures, progress=not args.no_progress, classes=args.classes,
-                            image_size=args.image_size)
+                            image_size=args.image_size, attention_window=args.attention_window)
     result = evaluate_patchdis(_load_model(args.model), data, config, out_dir=args.out, model_name=str(args.model))
     path = result.save(args.out / f"patchdis_{data.name}.json")
     _out(result.table())
@@ -147,5 +147,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--image-size", type=int, default=None,
                    help="encode at this size, grid scaled to keep the trained patch stride (e.g. 224 for a 64 px "
                         "model with a 4x4 grid -> 14x14; default: the model's own size)")
+    p.add_argument("--attention-window", type=int, default=None,
+                   help="adapter attention only within this many patch rows/columns (default: all patches)")
     p.set_defaults(func=run_patchdis, batch_size=8)
 

@@ -53,6 +53,9 @@ class PatchDisConfig:
     # Encode at this input size with the patch grid scaled to keep the trained patch stride
     # (PatchBackbone.at_image_size); None = the model's own size.
     image_size: int | None = None
+    # Limit the adapter's attention to patches within this many rows/columns (Adapter.local_attention),
+    # e.g. the training grid's span on a larger image; None = all patches, as trained.
+    attention_window: int | None = None
 
     def __post_init__(self) -> None:
         if "{}" not in self.prompt:
@@ -94,6 +97,7 @@ class PatchDisResult(JSONResult):
     grid: tuple[int, int] | None
     classes: str = "all"  # which classes competed per image (CLASS_SETS)
     image_size: int | None = None  # input size the images were encoded at (None = the model's own)
+    attention_window: int | None = None  # the adapter's attention span in patches (None = all)
     # Do patches localise? ROC AUC of the best class score, patches mostly on objects (>= half their
     # labelled pixels) vs pure background patches; 0.5 = the score says nothing about where objects
     # are (then no background threshold can work). None when the set has no background class.
@@ -196,7 +200,8 @@ def predict_patches(
     for start in tqdm(batches, desc="patchdis", disable=not config.progress, unit="batch"):
         samples = data.samples[start : start + config.batch_size]
         images = [s.load_image() for s in samples]
-        with torch.no_grad(), model.backbone.at_image_size(config.image_size):
+        with torch.no_grad(), model.backbone.at_image_size(config.image_size), \
+                model.adapter.local_attention(config.attention_window):
             out = model.encode_image(images, return_patches=True)
         if out.patch_vectors is None or out.grid is None:
             raise TypeError("PatchDis needs encode_image(..., return_patches=True) to return patch_vectors and grid")
@@ -268,6 +273,7 @@ def evaluate_patchdis(
         grid=grid,
         classes=config.classes,
         image_size=config.image_size,
+        attention_window=config.attention_window,
         localisation_auc=separation_auc(np.concatenate(on_objects), np.concatenate(on_background))
         if on_objects else None,
         figures=figures,
