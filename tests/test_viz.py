@@ -150,3 +150,16 @@ def test_explain_command_names_a_missing_image(tmp_path):
     args = parser.parse_args(["explain", str(tmp_path / "nope.jpg"), "--model", "lexvla-tiny"])
     with pytest.raises(FileNotFoundError, match="nope.jpg"):
         args.func(args)
+
+
+def test_explain_command_at_a_larger_image_size(shapes_image, tmp_path):
+    from lexvla.viz.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    out = tmp_path / "explain"
+    args = parser.parse_args(["explain", str(shapes_image), "--model", "lexvla-tiny", "--out", str(out),
+                              "--image-size", "112"])
+    assert args.func(args) == 0
+    data = json.loads((out / "explain.json").read_text())
+    assert data["grid"] == [8, 8] and len(data["patch_words"]) == 64  # lexvla-tiny: 56 px, 4x4

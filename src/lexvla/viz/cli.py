@@ -18,7 +18,7 @@ def _explain(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"image file not found: {image}")
     out_dir = Path(args.out) if args.out else Path(f"{image.stem}-explain")
     model = args.model.build()
-    with torch.no_grad():
+    with torch.no_grad(), model.backbone.at_image_size(args.image_size):
         expl = explain_image(model, image, args.text, top_words=args.words, patch_k=max(1, args.patch_words),
                              model_name=str(args.model))
     files = render_explanation(expl, out_dir, words_per_patch=args.patch_words)
@@ -39,4 +39,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=None, help="output folder (default: <image stem>-explain)")
     p.add_argument("--words", type=int, default=60, help="words in the word cloud")
     p.add_argument("--patch-words", type=int, default=1, help="words shown per patch")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="encode at this size, grid scaled to keep the trained patch stride (more, smaller-in-"
+                        "the-picture patches; default: the model's own size)")
     p.set_defaults(func=_explain)
