@@ -47,7 +47,8 @@ def _serve(args: argparse.Namespace) -> int:
     model = spec.build()
     config = WebConfig(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), workers=args.workers,
                        batch_size=args.batch_size, query_cache=args.query_cache,
-                       torch_threads=max(args.torch_threads, 0), encoders=args.encoders)
+                       torch_threads=max(args.torch_threads, 0), encoders=args.encoders,
+                       fast_encode=not args.plain_encode)
     service = SearchService(model, index, config, model_name=str(spec))
     # Bound to loopback: accept only loopback Host headers (no DNS rebinding from a web page).
     hosts = ["127.0.0.1", "localhost", "[::1]", "::1"] if args.host in LOOPBACK else None
@@ -76,4 +77,6 @@ def register(subparsers) -> None:
     p.add_argument("--query-cache", type=int, default=512, help="query vectors kept (0: no cache)")
     p.add_argument("--encoders", type=int, default=0,
                    help="query encoder threads (0: one per core / torch thread, at most 4)")
+    p.add_argument("--plain-encode", action="store_true",
+                   help="encode queries with the training code path (no merged LoRA, no cached prompt prefix)")
     p.set_defaults(func=_serve)

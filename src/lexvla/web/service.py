@@ -77,6 +77,9 @@ class WebConfig:
     # Encoder threads taking batches from the query queue (0: one per core, at most 4): with one torch
     # thread each, a second batch runs on the second core instead of waiting for the first.
     encoders: int = 0
+    # Exact, cheaper query encode (lexvla.models.text_fast): LoRA merged into the weights and the prompt's
+    # constant prefix encoded once; vectors equal the plain encode's to float rounding (docs/web.md).
+    fast_encode: bool = True
     upload_formats: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 
     def __post_init__(self) -> None:
@@ -93,6 +96,13 @@ class WebConfig:
         unknown = set(self.upload_formats) - set(IMAGE_MEDIA_TYPES)
         if unknown:
             raise ValueError(f"upload_formats {sorted(unknown)} not supported; choose from {sorted(IMAGE_MEDIA_TYPES)}")
+
+
+def _has_llm_text(model: Any) -> bool:
+    """Whether ``model`` encodes text with the LLM encoder the fast path rewrites (LexVLA models do)."""
+    from ..models.text import TextLexicalEncoder
+
+    return isinstance(getattr(model, "text", None), TextLexicalEncoder) and hasattr(model, "mapper")
 
 
 def decode_upload(data: bytes, config: WebConfig) -> Image.Image:
@@ -234,6 +244,11 @@ class SearchService:
         self._pictures = _LRU(self.config.cache_items * 3)
         self._query_vectors = _LRU(max(self.config.query_cache, 1))
         self.has_captions = index.has_collection("texts")
+        self._fast_text = None
+        if self.config.fast_encode and _has_llm_text(model):
+            from ..models.text_fast import FastTextEncoder
+
+            self._fast_text = FastTextEncoder(model.text)
         with self._index_lock:
             index.sync()  # loads what searches read (postings, stored vectors, ids) now, not at the first query
         self._in_flight = 0
@@ -256,7 +271,10 @@ class SearchService:
     def _encode_texts(self, texts: list[str]) -> list[Any]:
         """Texts -> their query vectors (1 x V CSR rows), sparsified as the index does, in one model call."""
         with torch.inference_mode():
-            vectors = self.model.encode_text(texts, batch_size=max(len(texts), 1)).vectors
+            if self._fast_text is not None:
+                vectors = self.model.mapper.text(self._fast_text.scores(texts))
+            else:
+                vectors = self.model.encode_text(texts, batch_size=max(len(texts), 1)).vectors
         q = self.index.prepare_queries(vectors)
         return [q[i] for i in range(q.shape[0])]
 
