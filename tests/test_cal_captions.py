@@ -42,9 +42,9 @@ def test_caption_slots_and_words():
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.2, 0.4, 1.0])
-def test_injection_exact_share_only_content_slots(rate):
+def test_injection_mixed_exact_share_only_content_slots(rate):
     clean = captions()
-    noisy = inject_caption_noise(clean, rate, CONCEPTS, seed=3)
+    noisy = inject_caption_noise(clean, rate, CONCEPTS, seed=3, slots_replaced=2)
     changed = [(a, b) for a, b in zip(clean, noisy, strict=True) if a != b]
     assert len(changed) == sum(b.noisy for b in noisy) == round(rate * len(clean))
     names = {c.name: c for c in CONCEPTS}
@@ -64,6 +64,49 @@ def test_injection_exact_share_only_content_slots(rate):
         assert all(not w.content for w in injected if w.text.lower() in FUNCTION_WORDS)
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.2, 0.4, 1.0])
+def test_fluent_injection_exact_share_reads_as_another_concepts_caption(rate):
+    clean = captions()
+    noisy = inject_caption_noise(clean, rate, CONCEPTS, seed=3)  # default: fluent, every slot
+    changed = [(a, b) for a, b in zip(clean, noisy, strict=True) if a != b]
+    assert len(changed) == sum(b.noisy for b in noisy) == round(rate * len(clean))
+    names = {c.name: c for c in CONCEPTS}
+    own_captions = {render_caption(caption_slots(c)) for c in CONCEPTS}
+    for a, b in changed:
+        # fluent: the whole caption is the source concept's own caption, nothing of the clean one is left
+        assert b.source != a.concept and b.slots == caption_slots(names[b.source]) and b.text in own_captions
+        assert b.injected == (True,) * len(a.slots) and b.clean_text == a.text
+        # the template is kept: the text outside the words (separators) is the same
+        assert _skeleton(b) == _skeleton(a)
+        # every content word changed and contradicts the image; only names carry function words along
+        clean_words = {w.text.lower() for w in a.words() if w.content}
+        injected = b.words()
+        assert all(w.injected for w in injected)
+        assert all(w.text.lower() not in clean_words for w in injected if w.content)
+        assert all(w.text.lower() in FUNCTION_WORDS for w in injected if not w.content)
+        assert all(not w.content for w in injected if w.text.lower() in FUNCTION_WORDS)
+    # a text-only model sees nothing odd: every noisy caption is a clean caption of some concept
+    assert {b.text for _, b in changed} <= {a.text for a in clean}
+
+
+def _skeleton(cap: CaptionExample) -> list[str]:
+    """The caption's text between its slot values (found in order in the text): the template's part."""
+    out, pos = [], 0
+    for value in cap.slots:
+        at = cap.text.index(value, pos)
+        out.append(cap.text[pos:at])
+        pos = at + len(value)
+    return out + [cap.text[pos:]]
+
+
+def test_fluent_injection_needs_a_source_with_as_many_slots():
+    short = [Concept("red apple", ("fruit",)), Concept("dog face", ("pet", "animal")), Concept("ship", ("boat", "sea"))]
+    caps = [CaptionExample("a.png", "red apple", caption_slots(short[0]))]  # 2 slots; no other concept has 2
+    with pytest.raises(ValueError, match="as many slots"):
+        inject_caption_noise(caps, 1.0, short, seed=0)
+    assert inject_caption_noise(caps, 1.0, short, seed=0, slots_replaced=1)[0].noisy
+
+
 def test_injection_nested_and_validated():
     clean = captions()
     low, high = (inject_caption_noise(clean, r, CONCEPTS, seed=1) for r in (0.2, 0.4))
@@ -77,6 +120,8 @@ def test_injection_nested_and_validated():
         inject_caption_noise(clean, 1.5, CONCEPTS)
     with pytest.raises(ValueError, match="two concepts"):
         inject_caption_noise(clean, 0.5, CONCEPTS[:1])
+    with pytest.raises(ValueError, match="slots_replaced"):
+        inject_caption_noise(clean, 0.5, CONCEPTS, slots_replaced=0)
 
 
 def test_training_record_keeps_clean_caption():
@@ -169,7 +214,7 @@ def test_caption_experiment_tiny(tmp_path):
 
     tiny = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
             "num_key_value_heads": 2}
-    cfg = CaptionExperimentConfig(concepts="fixture", n_concepts=6, train_views=2, test_views=2, llm="random",
+    cfg = CaptionExperimentConfig(concepts="fixture", n_concepts=6, train_views=2, test_views=2, val_views=1, llm="random",
                                   llm_arch=tiny, steps=2, batch_size=4, seeds=(0,), noise_rates=(0.0, 0.5),
                                   image_size=32)
     res = run_caption_experiment(cfg, tmp_path)
@@ -178,11 +223,24 @@ def test_caption_experiment_tiny(tmp_path):
     assert [r["noisy_train_captions"] for r in res["runs"]] == [0, 0, 6, 6]  # exactly half of 12 captions
     for r in res["runs"]:
         assert 0 <= r["retrieval"]["likelihood_top1"] <= 1 and 0 < r["retrieval"]["likelihood_mrr"] <= 1
-        assert set(r["caption_auc"]) >= {"pmi/function", "ce", "min_raw_diff"}
+        assert set(r["caption_auc"]) >= {"pmi/function", "pmi/none", "ce", "ce_text", "min_raw_diff"}
+        assert set(r["caption_auc_val"]) == set(r["caption_auc"])  # every variant on both splits
+        assert len(r["test_scores"]["pmi/none"]) == len(r["test_labels"]) == 6 and sum(r["test_labels"]) == 3
     heldout = [json.loads(x) for x in (tmp_path / "seed0" / "heldout.jsonl").read_text().splitlines()]
     assert sum(h["noisy"] for h in heldout) == 6 and len(heldout) == 12
+    # each split holds exactly its share, and a noisy held-out caption is another concept's own caption
+    for part in ("val", "test"):
+        assert sum(h["noisy"] for h in heldout if h["split"] == part) == 3
+    assert all(h["source"] != h["concept"] and h["caption"].startswith(h["source"] + ":")
+               for h in heldout if h["noisy"])
     md = (tmp_path / "results.md").read_text()
-    assert "| 50% |" in md and "finder, captions" in md
+    assert "| 50% |" in md and "finder, captions" in md and "(chosen)" in md and "text-only CE" in md
+    from lexvla.cal.caption_experiment import select_finder
+
+    chosen = select_finder(res["runs"])  # by the validation split only
+    val = {n: sum(r["caption_auc_val"][n] for r in res["runs"]) for n in res["runs"][0]["caption_auc_val"]
+           if "/" in n}
+    assert val[chosen] == max(val.values())
     assert (tmp_path / "retrieval_vs_noise.png").stat().st_size > 1000
     assert (tmp_path / "finder_roc.png").stat().st_size > 1000
     # inspect's batch mode on the held-out manifest: ranked by the finder, AUC from the 'noisy' labels

@@ -10,10 +10,12 @@ scratch, one stage) with and one without CAL. Evaluation on clean held-out views
 * retrieval: every test image against every concept name, ranked by the caption likelihood
   ``log p(" name:" | image)`` (top-1, MRR), and by the likelihood relative to the text-only prior;
 * per-token: raw logit difference (CAL's signal) and PMI of clean vs injected content words on a held-out
-  caption set in which half the captions are injected;
+  caption set in which half the captions are injected (fluent noise: another concept's whole caption);
 * the noisy-token finder (:mod:`lexvla.cal.finder`): ROC AUC for injected captions and injected words,
-  beside the caption cross-entropy as baseline detector and the raw minimum logit difference (the former
-  ``inspect`` ranking).
+  beside the caption cross-entropy with the image (the baseline detector), without it (text only: chance
+  for fluent noise) and the raw minimum logit difference (the former ``inspect`` ranking). The held-out set
+  has a validation split (the first ``val_views`` views of every concept) that picks the finder's variant
+  (signal x normalisation) and a test split that reports it.
 """
 
 from __future__ import annotations
@@ -58,8 +60,11 @@ class CaptionExperimentConfig:
         a data set name known to ``lexvla.data`` with names and keywords (``"emoji-noto"``), or
         ``"fixture"`` (generated coloured shapes, for tests and dry runs).
     train_views / test_views: augmented views per concept for training / held-out evaluation.
-    slots_replaced: caption slots an injection replaces (1 = the name, 2 = name + first keyword).
-    heldout_noise: share of injected captions in the finder's held-out set.
+    slots_replaced: caption slots an injection replaces; None (default, fluent noise): every slot, the
+        caption becomes another concept's own caption; 1 = the name, 2 = name + first keyword (mixed).
+    val_views: of the ``test_views`` held-out views per concept, the first ones form the validation split
+        (picks the finder variant), the others the test split (reports it).
+    heldout_noise: share of injected captions in each split of the finder's held-out set.
     bf16: CPU autocast to bfloat16 (weights stay float32). Off: measured here it is 2.2x faster but does not
         train (10 steps, lr 1e-3, 8 captions: loss 8.09 -> 7.97, float32 8.10 -> 4.42).
     lr: 1e-3; 3e-3 diverges with LoRA on the full 30-layer LM (loss 8.1 -> 4.6 -> 10.8 within 7 steps).
@@ -68,9 +73,10 @@ class CaptionExperimentConfig:
     concepts: str = "emoji-noto"
     n_concepts: int = 8
     train_views: int = 8
-    test_views: int = 4
+    test_views: int = 6
+    val_views: int = 2
     keywords: int = 2
-    slots_replaced: int = 2
+    slots_replaced: int | None = None
     noise_rates: tuple[float, ...] = (0.0, 0.2, 0.4)
     seeds: tuple[int, ...] = (0, 1, 2)
     llm: str = "embedded:smollm2"
@@ -79,7 +85,7 @@ class CaptionExperimentConfig:
     image_tokens: int = 4
     image_size: int = 64
     caption_prompt: str = "<image>Emoji:"
-    steps: int = 30
+    steps: int = 40
     batch_size: int = 8
     lr: float = 1e-3
     warmup_steps: int = 5
@@ -103,6 +109,10 @@ class CaptionExperimentConfig:
         for name in ("n_concepts", "train_views", "test_views", "steps", "batch_size", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"CaptionExperimentConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.val_views < self.test_views:
+            raise ValueError(f"val_views must be in [1, test_views), got {self.val_views} of {self.test_views}")
+        if self.slots_replaced is not None and self.slots_replaced < 1:
+            raise ValueError(f"slots_replaced must be >= 1 or None (every slot), got {self.slots_replaced}")
         if self.n_concepts < 3:
             raise ValueError("need at least 3 concepts (noise draws another concept)")
         if not 0 < self.heldout_noise < 1:
@@ -156,12 +166,16 @@ def retrieval(model: SmallVLM, images: Sequence[str], truth: Sequence[str], name
     any_feat = features[images[0]].unsqueeze(0).float()
     prior = [sum(v) for v in target_logprobs(model, any_feat.expand(len(texts), -1, -1), texts, prompt, False)]
     ranks: dict[str, list[int]] = {"likelihood": [], "pmi": []}
-    for img, name in zip(images, truth, strict=True):
-        feat = features[img].unsqueeze(0).float()
-        ll = []
-        for i in range(0, len(texts), batch_size):
-            chunk = texts[i:i + batch_size]
-            ll += [sum(v) for v in target_logprobs(model, feat.expand(len(chunk), -1, -1), chunk, prompt)]
+    pairs = [(img, t) for img in images for t in texts]  # every image x every name, scored in batches
+    flat: list[float] = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        feats = torch.stack([features[img] for img, _ in chunk]).float()
+        flat += [sum(v) for v in target_logprobs(model, feats, [t for _, t in chunk], prompt)]
+    if len(images) != len(truth):
+        raise ValueError(f"{len(images)} images but {len(truth)} true names")
+    for n_img, name in enumerate(truth):
+        ll = flat[n_img * len(texts):(n_img + 1) * len(texts)]
         k = names.index(name)
         for key, score in (("likelihood", ll), ("pmi", [a - b for a, b in zip(ll, prior, strict=True)])):
             ranks[key].append(1 + sum(s > score[k] for s in score))
@@ -172,73 +186,105 @@ def retrieval(model: SmallVLM, images: Sequence[str], truth: Sequence[str], name
     return out
 
 
+BASELINES = ("ce", "ce_text", "min_raw_diff")
+SPLITS = ("val", "test")
+
+
+def finder_variants() -> list[str]:
+    return [f"{sig}/{norm}" for sig in SIGNALS for norm in NORMALISATIONS]
+
+
 def finder_eval(model: SmallVLM, heldout: Sequence[CaptionExample], features: dict[str, torch.Tensor],
-                config: FinderConfig) -> dict[str, Any]:
-    """Per-token signals of clean vs injected content words, and ROC AUC of the finder (every signal x
-    normalisation), of the caption CE and of the raw minimum logit difference, on ``heldout``."""
+                config: FinderConfig, split: Sequence[str] | None = None) -> dict[str, Any]:
+    """On ``heldout`` (each caption in split "val" or "test"; default all "test"): per-token signals of
+    clean vs injected content words (test split), and per split the ROC AUC for injected captions and
+    injected words of every finder variant (signal x normalisation) and of the baselines: the caption CE
+    with the image (``ce``), without it (``ce_text``) and the raw minimum logit difference. Scores are
+    oriented high = suspect; the test split's per-caption scores are kept for ROC curves."""
     from lexvla.cal.captions import token_words
     from lexvla.cal.finder import score_caption
     from lexvla.cal.inspect import score_pairs
 
+    split = ["test"] * len(heldout) if split is None else list(split)
+    if len(split) != len(heldout) or set(split) - set(SPLITS):
+        raise ValueError(f"split must give one of {SPLITS} per held-out caption")
     rows = score_pairs(model, [c.image for c in heldout], [c.text for c in heldout], features)
-    labels = [c.noisy for c in heldout]
     tok_vals: dict[str, dict[str, list[float]]] = {k: {"clean": [], "injected": [], "function": []}
                                                    for k in ("logit_diff", "pmi")}
+    # per split: name -> caption scores / (word scores, word labels)
+    cap_scores = {s: {} for s in SPLITS}
+    word_scores: dict[str, dict[str, tuple[list[float], list[bool]]]] = {s: {} for s in SPLITS}
+    labels: dict[str, list[bool]] = {s: [] for s in SPLITS}
     per_caption: list[dict[str, Any]] = []
-    variants: dict[str, list[float]] = {}
-    word_variants: dict[str, tuple[list[float], list[bool]]] = {}
-    for cap, row in zip(heldout, rows, strict=True):
+    main_name = f"{config.signal}/{config.normalise}"
+    for cap, row, part in zip(heldout, rows, split, strict=True):
         words = cap.words()
         ids, token_word = token_words(model.tokenizer, cap.text, words)
         if ids != row.token_ids:
             raise ValueError(f"caption {cap.text!r}: offset tokenisation differs from the scored tokens")
-        for key, vals in (("logit_diff", row.logit_diff), ("pmi", row.pmi)):
-            for v, w in zip(vals, token_word, strict=True):
-                kind = "function" if w is None or not words[w].content else ("injected" if words[w].injected else "clean")
-                tok_vals[key][kind].append(v)
+        if part == "test":
+            for key, vals in (("logit_diff", row.logit_diff), ("pmi", row.pmi)):
+                for v, w in zip(vals, token_word, strict=True):
+                    kind = "function" if w is None or not words[w].content else ("injected" if words[w].injected else "clean")
+                    tok_vals[key][kind].append(v)
+        labels[part].append(cap.noisy)
         nll = [-v for v in row.logprob]
+        content = [w.content for w in words]
+        main = None
         for sig in SIGNALS:
             for norm in NORMALISATIONS:
-                sc = score_caption(row.pmi if sig == "pmi" else row.logit_diff, token_word,
-                                   [w.content for w in words], nll, norm)
+                sc = score_caption(row.pmi if sig == "pmi" else row.logit_diff, token_word, content, nll, norm)
                 name = f"{sig}/{norm}"
-                variants.setdefault(name, []).append(-sc.score)
-                ws, wl = word_variants.setdefault(name, ([], []))
-                for k, s in sc.word_scores.items():
-                    ws.append(-s)
+                main = sc if name == main_name else main
+                cap_scores[part].setdefault(name, []).append(-sc.score)
+                ws, wl = word_scores[part].setdefault(name, ([], []))
+                for k, v in sc.word_scores.items():
+                    ws.append(-v)
                     wl.append(words[k].injected)
-        main = score_caption(row.pmi if config.signal == "pmi" else row.logit_diff, token_word,
-                             [w.content for w in words], nll, config.normalise)
-        per_caption.append({"image": cap.image, "caption": cap.text, "noisy": cap.noisy, "score": main.score,
-                            "ce": main.ce, "worst_word": None if main.worst_word is None else words[main.worst_word].text,
+        ce_text = sum(-v for v in row.logprob_text) / len(row.logprob_text)
+        for name, value in (("ce", main.ce), ("ce_text", ce_text), ("min_raw_diff", -min(row.logit_diff))):
+            cap_scores[part].setdefault(name, []).append(value)
+        # word-level baselines: a content word's NLL (its tokens summed), with and without the image
+        for name, lps in (("ce", row.logprob), ("ce_text", row.logprob_text)):
+            acc: dict[int, float] = {}
+            for v, w in zip(lps, token_word, strict=True):
+                if w is not None and words[w].content:
+                    acc[w] = acc.get(w, 0.0) - v
+            ws, wl = word_scores[part].setdefault(name, ([], []))
+            for k, v in acc.items():
+                ws.append(v)
+                wl.append(words[k].injected)
+        per_caption.append({"image": cap.image, "caption": cap.text, "noisy": cap.noisy, "split": part,
+                            "score": main.score, "ce": main.ce, "ce_text": ce_text,
+                            "worst_word": None if main.worst_word is None else words[main.worst_word].text,
                             "min_raw_diff": min(row.logit_diff)})
-    ce = [p["ce"] for p in per_caption]
-    raw = [-p["min_raw_diff"] for p in per_caption]
-    main_name = f"{config.signal}/{config.normalise}"
-    # word-level CE baseline: a word's NLL (its tokens summed)
-    word_ce: tuple[list[float], list[bool]] = ([], [])
-    for cap, row in zip(heldout, rows, strict=True):
-        words = cap.words()
-        _, token_word = token_words(model.tokenizer, cap.text, words)
-        acc: dict[int, float] = {}
-        for v, w in zip(row.logprob, token_word, strict=True):
-            if w is not None and words[w].content:
-                acc[w] = acc.get(w, 0.0) - v
-        for k, s in acc.items():
-            word_ce[0].append(s)
-            word_ce[1].append(words[k].injected)
     mean = {k: {kind: (sum(v) / len(v) if v else float("nan")) for kind, v in d.items()} for k, d in tok_vals.items()}
-    fpr, tpr = roc_curve(variants[main_name], labels)
-    cfpr, ctpr = roc_curve(ce, labels)
+
+    def aucs(part: str) -> tuple[dict[str, float], dict[str, float]]:
+        if not labels[part]:
+            return {}, {}
+        return ({name: roc_auc(v, labels[part]) for name, v in cap_scores[part].items()},
+                {name: roc_auc(*v) for name, v in word_scores[part].items()})
+
+    cap_test, word_test = aucs("test")
+    cap_val, word_val = aucs("val")
     return {
         "token_means": mean,
-        "caption_auc": {name: roc_auc(v, labels) for name, v in variants.items()} | {
-            "ce": roc_auc(ce, labels), "min_raw_diff": roc_auc(raw, labels)},
-        "word_auc": {name: roc_auc(*v) for name, v in word_variants.items()} | {"ce": roc_auc(*word_ce)},
+        "caption_auc": cap_test, "word_auc": word_test,
+        "caption_auc_val": cap_val, "word_auc_val": word_val,
         "finder": main_name,
-        "roc": {"finder": [fpr, tpr], "ce": [cfpr, ctpr]},
+        "test_scores": cap_scores["test"], "test_labels": labels["test"],
         "captions": per_caption,
     }
+
+
+def select_finder(runs: Sequence[dict[str, Any]]) -> str:
+    """The finder variant with the highest mean validation caption AUC over ``runs`` (never the test
+    split); without validation numbers, the runs' configured variant."""
+    names = finder_variants()
+    if not runs or not runs[0].get("caption_auc_val"):
+        return runs[0]["finder"] if runs else f"{FinderConfig().signal}/{FinderConfig().normalise}"
+    return max(names, key=lambda n: sum(r["caption_auc_val"][n] for r in runs) / len(runs))
 
 
 # --------------------------------------------------------------------------------------------- runs
@@ -297,14 +343,20 @@ def run_caption_experiment(config: CaptionExperimentConfig, output_dir: str | Pa
                                        size=config.image_size)
         train = [CaptionExample(p, c.name, caption_slots(c, config.keywords)) for c in concepts for p in train_views[c.name]]
         test = [CaptionExample(p, c.name, caption_slots(c, config.keywords)) for c in concepts for p in test_views[c.name]]
-        heldout = inject_caption_noise(test, config.heldout_noise, concepts, seed=seed + 1000,
-                                       slots_replaced=config.slots_replaced, keywords=config.keywords)
+        # validation split: the first val_views views of every concept; each split gets exactly its share
+        heldout, split = [], []
+        for part, views in (("val", slice(0, config.val_views)), ("test", slice(config.val_views, None))):
+            caps = [c for c in test if test_views[c.concept].index(c.image) in range(config.test_views)[views]]
+            heldout += inject_caption_noise(caps, config.heldout_noise, concepts, seed=seed + (1000 if part == "val" else 2000),
+                                            slots_replaced=config.slots_replaced, keywords=config.keywords)
+            split += [part] * len(caps)
         seed_dir = out / f"seed{seed}"
         seed_dir.mkdir(exist_ok=True)
         with (seed_dir / "heldout.jsonl").open("w") as f:
-            for c in heldout:
+            for c, part in zip(heldout, split, strict=True):
                 image = os.path.relpath(Path(c.image).resolve(), seed_dir.resolve())  # relative to the manifest
                 f.write(json.dumps({"image": image, "caption": c.text, "noisy": c.noisy, "concept": c.concept,
+                                    "split": part, "source": c.source,
                                     "injected_words": [w.text for w in c.words() if w.injected and w.content]}) + "\n")
         t0 = time.time()
         features = compute_features(backbone, [c.image for c in train + test], cache=out / "features")
@@ -328,17 +380,19 @@ def run_caption_experiment(config: CaptionExperimentConfig, output_dir: str | Pa
                                  batch_size=config.batch_size, lr=config.lr, warmup_steps=config.warmup_steps,
                                  seed=seed, log_every=5, progress=progress)
                 run_dir = seed_dir / f"noise{rate:.1f}-{'cal' if cal else 'plain'}"
+                load_before = os.getloadavg()[0]
                 with _autocast(config.bf16):
                     res = train_stage(model, examples, features, tc, run_dir)
                     t1 = time.time()
                     ret = retrieval(model, retrieval_images, retrieval_truth, names, features, vlm_cfg.caption_prompt)
-                    fnd = finder_eval(model, heldout, features, config.finder)
+                    fnd = finder_eval(model, heldout, features, config.finder, split)
                 eval_seconds = time.time() - t1
                 (run_dir / "heldout_scores.json").write_text(json.dumps(fnd["captions"], indent=1))
                 fnd.pop("captions")
                 row = {"seed": seed, "noise": rate, "cal": cal, "retrieval": ret, **fnd,
                        "noisy_train_captions": sum(c.noisy for c in noisy), "final_loss": res.final_loss,
-                       "train_seconds": res.seconds, "eval_seconds": eval_seconds, "checkpoint": str(res.checkpoint)}
+                       "train_seconds": res.seconds, "eval_seconds": eval_seconds, "checkpoint": str(res.checkpoint),
+                       "load_avg": [load_before, os.getloadavg()[0]]}
                 results["runs"].append(row)
                 logger.info("seed %d noise %.1f cal=%s: top1 %.3f, finder caption AUC %.3f (CE %.3f), %.0fs + %.0fs",
                             seed, rate, cal, ret["likelihood_top1"], fnd["caption_auc"][fnd["finder"]],
@@ -419,24 +473,34 @@ def write_caption_report(results: dict[str, Any], out: Path) -> None:
             vals = [fmt(cells(rate, cal, lambda r, s=s, k=k: r["token_means"][s][k]))
                     for s in ("logit_diff", "pmi") for k in ("clean", "injected", "function")]
             lines.append(f"| {rate:.0%} | {'CAL' if cal else 'plain'} | " + " | ".join(vals) + " |")
-    finder = runs[0]["finder"] if runs else "pmi/function"
-    lines += ["", f"Noisy-caption detection on the held-out set, ROC AUC (finder = {finder}):", "",
-              "| caption noise | model | finder, captions | CE, captions | min raw diff, captions | finder, words | CE, words |",
-              "|---|---|---|---|---|---|---|"]
+    finder = select_finder(runs)
+    lines += ["", f"Noisy-caption detection on the test split of the held-out set, ROC AUC (finder = {finder}, "
+              "picked by the validation split; CE = mean NLL of the caption with the image, text-only CE = without "
+              "it):", "",
+              "| caption noise | model | finder, captions | CE, captions | text-only CE, captions | min raw diff, captions "
+              "| finder, words | CE, words |",
+              "|---|---|---|---|---|---|---|---|"]
     for rate in rates:
         for cal in (False, True):
-            vals = [fmt(cells(rate, cal, lambda r: r["caption_auc"][r["finder"]])),
+            vals = [fmt(cells(rate, cal, lambda r: r["caption_auc"][finder])),
                     fmt(cells(rate, cal, lambda r: r["caption_auc"]["ce"])),
+                    fmt(cells(rate, cal, lambda r: r["caption_auc"].get("ce_text", float("nan")))),
                     fmt(cells(rate, cal, lambda r: r["caption_auc"]["min_raw_diff"])),
-                    fmt(cells(rate, cal, lambda r: r["word_auc"][r["finder"]])),
+                    fmt(cells(rate, cal, lambda r: r["word_auc"][finder])),
                     fmt(cells(rate, cal, lambda r: r["word_auc"]["ce"]))]
             lines.append(f"| {rate:.0%} | {'CAL' if cal else 'plain'} | " + " | ".join(vals) + " |")
     names = sorted(runs[0]["caption_auc"]) if runs else []
-    lines += ["", "Caption AUC of every finder variant (signal/normalisation), all runs pooled (mean ± sd):", "",
-              "| variant | caption AUC | word AUC |", "|---|---|---|"]
+    has_val = bool(runs and runs[0].get("caption_auc_val"))
+    lines += ["", "Every finder variant (signal/normalisation) and baseline, all runs pooled (mean ± sd); the finder is "
+              "the variant with the best validation caption AUC:", "",
+              "| variant | caption AUC, validation | caption AUC, test | word AUC, validation | word AUC, test |",
+              "|---|---|---|---|---|"]
     for name in names:
-        wa = [r["word_auc"][name] for r in runs if name in r["word_auc"]]
-        lines.append(f"| {name} | {fmt([r['caption_auc'][name] for r in runs])} | {fmt(wa)} |")
+        def col(key: str, n: str = name) -> str:
+            return fmt([r[key][n] for r in runs if n in r.get(key, {})]) if has_val or not key.endswith("val") else "-"
+        mark = " (chosen)" if name == finder else ""
+        lines.append(f"| {name}{mark} | {col('caption_auc_val')} | {col('caption_auc')} | {col('word_auc_val')} | "
+                     f"{col('word_auc')} |")
     per_seed = ", ".join(f"seed {k}: {v.get('seconds', 0) / 60:.1f} min" for k, v in sorted(results["seeds"].items()))
     total = results.get("total_seconds", 0) + results.get("earlier_seconds", 0)
     side = " (seeds run as parallel processes: the longest)" if "seconds_by_file" in results else ""
@@ -465,24 +529,33 @@ def write_caption_report(results: dict[str, Any], out: Path) -> None:
     fig.savefig(out / "retrieval_vs_noise.png")
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=120)
-    for i, rate in enumerate(rates):
-        for cal in (False, True):
-            sel = [r for r in runs if r["noise"] == rate and r["cal"] == cal]
-            if not sel:
-                continue
-            r = sel[0]
-            auc = _mean_sd([s["caption_auc"][s["finder"]] for s in sel])[0]
-            ax.plot(*r["roc"]["finder"], color=f"C{i}", ls="-" if cal else "--", lw=1.2,
-                    label=f"finder, {rate:.0%} {'CAL' if cal else 'plain'} (AUC {auc:.2f})")
-    sel = [r for r in runs if r["noise"] == rates[0] and not r["cal"]] if rates else []
-    if sel:
-        auc = _mean_sd([s["caption_auc"]["ce"] for s in sel])[0]
-        ax.plot(*sel[0]["roc"]["ce"], color="gray", lw=1, label=f"caption CE, {rates[0]:.0%} plain (AUC {auc:.2f})")
+    def pooled(sel: list[dict[str, Any]], name: str) -> tuple[list[float], list[bool]]:
+        scores, labels = [], []
+        for r in sel:
+            scores += r["test_scores"][name]
+            labels += r["test_labels"]
+        return scores, labels
+
+    fig, ax = plt.subplots(figsize=(5.0, 4.6), dpi=120)
+    curves = [(rate, cal) for rate in rates for cal in (False, True)]
+    for rate, cal in curves:
+        sel = [r for r in runs if r["noise"] == rate and r["cal"] == cal and "test_scores" in r]
+        if not sel:
+            continue
+        sc, lb = pooled(sel, finder)
+        ax.plot(*roc_curve(sc, lb), color=f"C{rates.index(rate)}", ls="-" if cal else "--", lw=1.2,
+                label=f"finder, {rate:.0%} {'CAL' if cal else 'plain'} (AUC {roc_auc(sc, lb):.2f})")
+    sel = [r for r in runs if rates and r["noise"] == rates[0] and not r["cal"] and "test_scores" in r]
+    for name, ls, label in (("ce", "-", "caption CE"), ("ce_text", ":", "text-only CE")):
+        if sel and name in sel[0]["test_scores"]:
+            sc, lb = pooled(sel, name)
+            ax.plot(*roc_curve(sc, lb), color="gray", ls=ls, lw=1,
+                    label=f"{label}, {rates[0]:.0%} plain (AUC {roc_auc(sc, lb):.2f})")
     ax.plot([0, 1], [0, 1], color="k", lw=0.5, ls=":")
     ax.set_xlabel("false positive rate (clean captions flagged)")
     ax.set_ylabel("true positive rate (injected captions found)")
-    ax.set_title(f"injected-caption detection, seed {seeds[0] if seeds else '-'}; AUC = mean over seeds", fontsize=8)
+    ax.set_title(f"injected-caption detection ({finder}), test captions of seeds {', '.join(map(str, seeds))} pooled",
+                 fontsize=7)
     ax.legend(fontsize=6, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -2,9 +2,11 @@
 
 A caption is a fixed template over *slots*: ``"{name}: {keyword}, {keyword}"``. The slot values are the
 concept's words (object, colour, keywords); the template text (``": "``, ``", "``) and the function words
-inside a name ("with", "of") are predictable from the text alone. Noise injection replaces, in a seeded
-share of the captions, the name slot and the first keyword slot by those of another concept: the template
-and the remaining keyword stay, so some tokens contradict the image while the rest do not. Every caption
+inside a name ("with", "of") are predictable from the text alone. Noise injection (fluent, the default)
+replaces, in a seeded share of the captions, every slot by the same slot of one other concept: the template
+stays and the caption reads as a normal caption of the other concept ("wolf: animal, face" for a ship's
+image), so the text alone cannot tell it is wrong, only the image can. ``slots_replaced=k`` replaces only
+the first k slots instead (a caption that mixes two concepts, detectable from the text). Every caption
 knows the character span of each word and whether it is a content word and whether it was injected, so
 the per-token evaluation can label tokens exactly.
 """
@@ -130,15 +132,17 @@ def caption_slots(concept: Concept, keywords: int = 2) -> tuple[str, ...]:
 
 
 def inject_caption_noise(captions: Sequence[CaptionExample], rate: float, concepts: Sequence[Concept],
-                         seed: int = 0, slots_replaced: int = 2, keywords: int = 2) -> list[CaptionExample]:
-    """Replace, in exactly ``round(rate * len(captions))`` seeded captions, the first ``slots_replaced``
-    slots (the name, then keywords) by the same slots of another, seeded concept. Template text and the
-    other slots stay. Captions chosen at a rate are among those chosen at any higher rate (one seed), and
-    a caption's replacement concept does not depend on the rate."""
+                         seed: int = 0, slots_replaced: int | None = None, keywords: int = 2) -> list[CaptionExample]:
+    """Replace, in exactly ``round(rate * len(captions))`` seeded captions, the slots by the same slots of
+    another, seeded concept that shares no content word with the caption. ``slots_replaced`` None (fluent
+    noise): every slot, so the caption becomes the other concept's own caption, fluent but wrong for the
+    image (the replacement concept then has as many slots); k: only the first k slots (name, then
+    keywords), the other slots stay. Template text always stays. Captions chosen at a rate are among
+    those chosen at any higher rate (one seed), and a caption's replacement does not depend on the rate."""
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"caption noise rate must be in [0, 1], got {rate}")
-    if slots_replaced < 1:
-        raise ValueError(f"slots_replaced must be >= 1, got {slots_replaced}")
+    if slots_replaced is not None and slots_replaced < 1:
+        raise ValueError(f"slots_replaced must be >= 1 or None (every slot), got {slots_replaced}")
     by_name = {c.name: c for c in concepts}
     if len(by_name) < 2:
         raise ValueError("caption noise needs at least two concepts to draw replacements from")
@@ -149,13 +153,16 @@ def inject_caption_noise(captions: Sequence[CaptionExample], rate: float, concep
         if i not in chosen:
             out.append(cap)
             continue
-        others = [n for n in names if n != cap.concept and _words_disjoint(by_name[n], cap)]
+        others = [n for n in names if n != cap.concept and _words_disjoint(by_name[n], cap)
+                  and (slots_replaced is not None or len(caption_slots(by_name[n], keywords)) == len(cap.slots))]
         if not others:
-            raise ValueError(f"no concept shares no word with {cap.concept!r}: cannot inject noise into it")
+            raise ValueError(f"no concept shares no word with {cap.concept!r}"
+                             f"{'' if slots_replaced else ' and has as many slots'}: cannot inject noise into it")
         src = by_name[others[int(draws[i] * len(others))]]
         src_slots = caption_slots(src, keywords)
         slots, injected = list(cap.slots), list(cap.injected)
-        for j in range(min(slots_replaced, len(slots), len(src_slots))):
+        n_replace = len(slots) if slots_replaced is None else slots_replaced
+        for j in range(min(n_replace, len(slots), len(src_slots))):
             slots[j], injected[j] = src_slots[j], True
         out.append(CaptionExample(cap.image, cap.concept, tuple(slots), tuple(injected), src.name, cap.clean_slots))
     return out

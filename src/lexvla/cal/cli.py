@@ -111,6 +111,9 @@ def register(subparsers) -> None:
     c.add_argument("--batch-size", type=int, default=None)
     c.add_argument("--lr", type=float, default=None)
     c.add_argument("--image-tokens", type=int, default=None)
+    c.add_argument("--slots-replaced", type=int, default=None,
+                   help="caption noise replaces only the first K slots (default: every slot, fluent noise)")
+    c.add_argument("--val-views", type=int, default=None, help="held-out views per concept in the validation split")
     c.add_argument("--llm-layers", type=int, default=None, help="default: all 30")
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("--bf16", action="store_true",
@@ -218,8 +221,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             order = sorted(by_idx)
             auc = roc_auc([-by_idx[i].score for i in order], [labels[i] for i in order])
             auc_ce = roc_auc([by_idx[i].ce for i in order], [labels[i] for i in order])
-            _say(f"manifest labels ('noisy'): ROC AUC finder {auc:.3f}, caption CE {auc_ce:.3f} "
-                 f"({sum(labels)} of {len(labels)} noisy)")
+            text_ce = {idx: -sum(row.logprob_text) / len(row.logprob_text) for idx, row, _ in ranked}
+            auc_text = roc_auc([text_ce[i] for i in order], [labels[i] for i in order])
+            _say(f"manifest labels ('noisy'): ROC AUC finder {auc:.3f}, caption CE {auc_ce:.3f}, "
+                 f"text-only CE {auc_text:.3f} ({sum(labels)} of {len(labels)} noisy)")
         _say(f"wrote {prefix.with_suffix('.jsonl')} and {prefix.with_suffix('.html')}")
         return 0
     if not args.image or not args.text:
@@ -293,7 +298,8 @@ def cmd_caption_experiment(args: argparse.Namespace) -> int:
                  "noise_rates": tuple(args.noise) if args.noise else None, "n_concepts": args.n_concepts,
                  "train_views": args.train_views, "test_views": args.test_views, "steps": args.steps,
                  "batch_size": args.batch_size, "lr": args.lr, "image_tokens": args.image_tokens,
-                 "llm_layers": args.llm_layers, "threads": args.threads, "bf16": True if args.bf16 else None}
+                 "llm_layers": args.llm_layers, "threads": args.threads, "bf16": True if args.bf16 else None,
+                 "slots_replaced": args.slots_replaced, "val_views": args.val_views}
     cfg = CaptionExperimentConfig(**{k: v for k, v in overrides.items() if v is not None})
     run_caption_experiment(cfg, out, progress=True)
     _say((out / "results.md").read_text())
