@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 RUNS: dict[str, dict[str, Any]] = {
-    # text side frozen (today's default) vs LoRA on the top 2 LLM layers
+    # text side frozen (the old default) vs LoRA on the top 2 LLM layers
     "frozen": {"lora": None},
     "frozen-k64": {"lora": None, "mapper": {"max_words": 64}},
     "lora2": {},
@@ -39,6 +40,27 @@ RUNS: dict[str, dict[str, Any]] = {
     "lora4-k64": {"lora": {"last_layers": 4}, "mapper": {"max_words": 64}},
     "dense": {"dense": True},
 }
+# Issue 10's grid: the demo's recipe (k64, overuse 1e-3) against prior subtraction, overuse weights that
+# bite (1e-2 .. 3, ramped over the first third or not at all), FLOPs, the tightened vocabulary, k32,
+# longer training and the LoRA learning rate. Generated so each name says what it changes.
+K64 = {"max_words": 64}
+PRIOR = {"prior": ""}
+STOP = {"function_words": True}  # fragment_ratio 20 was tried by hand: it also drops "ant", "ale", "abs"
+for _w in (1e-2, 1e-1, 3e-1, 1.0, 3.0):
+    RUNS[f"k64-ov{_w:g}"] = {"mapper": K64, "loss": {"image_weight": _w, "text_weight": _w}}
+    RUNS[f"k64-prior-ov{_w:g}"] = {"mapper": K64, "text": PRIOR, "loss": {"image_weight": _w, "text_weight": _w}}
+    RUNS[f"k64-prior-flops{_w:g}"] = {"mapper": K64, "text": PRIOR,
+                                      "loss": {"regulariser": "flops", "image_weight": _w, "text_weight": _w}}
+RUNS["k64-prior"] = {"mapper": K64, "text": PRIOR}
+RUNS["k64-stop"] = {"mapper": K64, "vocab": STOP}
+RUNS["k64-prior-stop"] = {"mapper": K64, "text": PRIOR, "vocab": STOP}
+for _base in ("k64-prior", "k64-prior-stop"):
+    _spec = RUNS[_base]
+    RUNS[f"{_base}-ov1-noramp"] = {**_spec, "loss": {"image_weight": 1.0, "text_weight": 1.0, "ramp": 0.0}}
+    RUNS[f"{_base}-ov1"] = {**_spec, "loss": {"image_weight": 1.0, "text_weight": 1.0}}
+    RUNS[f"{_base}-k32"] = {**_spec, "mapper": {"max_words": 32}}
+    RUNS[f"{_base}-lora2e-3"] = {**_spec, "lr_lora": 2e-3}
+    RUNS[f"{_base}-120"] = {**_spec, "steps": 120}
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "last_layers": 2}
 
 
@@ -49,12 +71,14 @@ def _model(spec: dict[str, Any], base: str, cache: dict[str, Any]):
 
     lora = spec.get("lora", {})
     lora = None if lora is None else {**LORA, **lora}
-    key = json.dumps([lora, bool(spec.get("dense"))])
+    vocab = spec.get("vocab", {})
+    key = json.dumps([lora, bool(spec.get("dense")), vocab], sort_keys=True)
     if key not in cache:
-        overrides = {"text.lora": lora}
+        overrides = {"text.lora": lora, **{f"vocab.{k}": v for k, v in vocab.items()}}
         model = (DenseBaseline(get_config(base).replace(**overrides)) if spec.get("dense")
-                 else create_model(base, **overrides))
-        shared = next((m for m in cache.values() if m.config.text.lora == model.config.text.lora), None)
+                 else create_model(base, trained=False, **overrides))
+        shared = next((m for m in cache.values() if m is not None and m.config.text.lora == model.config.text.lora),
+                      None)
         if shared is not None:  # same frozen lower layers: share their per-caption states
             model.text._prefix = shared.text._prefix
         cache[key] = model
@@ -63,6 +87,8 @@ def _model(spec: dict[str, Any], base: str, cache: dict[str, Any]):
     if cache[key + "/init"] is None:
         cache[key + "/init"] = model.trainable_state_dict()
     model.load_trained(cache[key + "/init"])
+    # text settings that need no new model (the prior rides in the same pass); reset for every run
+    model.config.text.prior = spec.get("text", {}).get("prior")
     return model
 
 
@@ -78,7 +104,7 @@ def _apply_mapper(model: Any, mapper: dict[str, Any]):
 def run(name: str, args: argparse.Namespace, models: dict[str, Any]) -> dict[str, Any]:
     from lexvla.eval import RetrievalConfig, RetrievalDataConfig, load_retrieval_set
     from lexvla.eval.retrieval import encode_set, retrieval_from_vectors
-    from lexvla.eval.sparsity import overused_outside_caption
+    from lexvla.eval.sparsity import overused_outside_caption, top_word_share
     from lexvla.sparsification import Sparsification
     from lexvla.train import TrainConfig, train
 
@@ -87,8 +113,10 @@ def run(name: str, args: argparse.Namespace, models: dict[str, Any]) -> dict[str
     model = _model(spec, args.model, models)
     if not dense:
         _apply_mapper(model, spec.get("mapper", {}))
+    steps = int(spec.get("steps", args.steps))
     loss = {"regulariser": "none" if dense else "overuse", "image_weight": 1e-3, "text_weight": 1e-3,
-            "ramp_steps": args.steps // 3, **spec.get("loss", {})}
+            **spec.get("loss", {})}
+    loss["ramp_steps"] = int(steps * loss.pop("ramp", 1 / 3))  # quadratic ramp over this share of the steps
     frozen = model.config.text.lora is None
     tcfg = TrainConfig.from_dict({
         "model": {"name": args.model},
@@ -96,9 +124,10 @@ def run(name: str, args: argparse.Namespace, models: dict[str, Any]) -> dict[str
                  "options": {"captions": list(args.captions), "caption_mode": "random",
                              **({} if args.train_source == "emoji-heldout" else {"split": "train"})},
                  "batch_size": args.batch, "feature_cache": "auto", "text_cache": "auto" if frozen else None},
-        "optim": {"lr": {"adapter": 1e-3, "visual_codebook": 1e-3, "lora": args.lr_lora, "temperature": 1e-3},
-                  "weight_decay": {"adapter": 0.0}, "warmup_steps": min(20, args.steps // 4)},
-        "loss": loss, "steps": args.steps, "log_every": 10, "checkpoint_every": 0,
+        "optim": {"lr": {"adapter": 1e-3, "visual_codebook": 1e-3, "lora": spec.get("lr_lora", args.lr_lora),
+                         "temperature": 1e-3},
+                  "weight_decay": {"adapter": 0.0}, "warmup_steps": min(20, steps // 4)},
+        "loss": loss, "steps": steps, "log_every": 10, "checkpoint_every": 0,
         "output_dir": str(Path(args.work) / name), "seed": 0, "tensorboard": False, "progress": False,
         "cpu": True,
     })
@@ -107,11 +136,11 @@ def run(name: str, args: argparse.Namespace, models: dict[str, Any]) -> dict[str
     train_s = time.perf_counter() - t0
     model.eval()
     model.text.keep_prefix = True
-    data = load_retrieval_set(args.data, RetrievalDataConfig(split=args.split))
+    data = load_retrieval_set(args.data, RetrievalDataConfig(split=args.split, captions_per_image=None))
     rcfg = RetrievalConfig(cache=False, progress=False, sparsification="none")
     with torch.no_grad():
         enc = encode_set(model, data, rcfg)
-    out: dict[str, Any] = {"run": name, "spec": spec, "steps": args.steps, "batch": args.batch, "data": args.data,
+    out: dict[str, Any] = {"run": name, "spec": spec, "steps": steps, "load": [round(x, 1) for x in os.getloadavg()], "batch": args.batch, "data": args.data,
                            "split": args.split, "train_s": round(train_s, 1), "pairs_per_s": tr.pairs_per_second,
                            "final_loss": tr.final_metrics.get("loss"), "images": data.num_images if hasattr(
                                data, "num_images") else len(data.image_paths), "texts": len(data.texts)}
@@ -130,13 +159,20 @@ def run(name: str, args: argparse.Namespace, models: dict[str, Any]) -> dict[str
         share = (img != 0).float().mean(0)
         top = share.topk(8)
         out["overused_image"] = [(model.vocab.words[int(i)], round(float(v), 3)) for v, i in zip(top.values, top.indices)]
+        # the demo's explanation measure: share of each caption's top hit's score carried by 5 words
+        hit = (txt @ img.T).argmax(1)
+        shares = top_word_share(txt, img[hit], k=5)
+        out["top5_share"] = {"mean": round(float(shares.mean()), 3), "median": round(float(shares.median()), 3)}
+        out["text_top_words"] = {t: [w for w, _ in ws[:8]] for t, ws in
+                                 zip(data.texts[:6], model.top_words(txt[:6], k=8))}
     logging.getLogger("sweep").warning("%s", json.dumps(out))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", required=True, help=f"comma-separated names from {sorted(RUNS)}")
+    p.add_argument("--runs", help=f"comma-separated names from {sorted(RUNS)}")
+    p.add_argument("--list", action="store_true", help="print the run names and their settings")
     p.add_argument("--model", default="lexvla-embedded")
     p.add_argument("--train-source", default="emoji-heldout",
                    help="training source (emoji-heldout: Noto + OpenMoji outside held-out concepts and subgroups, "
@@ -150,6 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/lexvla-sweep")
     p.add_argument("--out", default="bench/results/text_sweep.jsonl")
     args = p.parse_args(argv)
+    if args.list or not args.runs:
+        for name, spec in RUNS.items():
+            print(f"{name:28} {json.dumps(spec)}")
+        return 0
+    unknown = [n for n in args.runs.split(",") if n not in RUNS]
+    if unknown:
+        p.error(f"unknown runs {unknown}; --list shows them")
     args.captions = tuple(args.captions.split(","))
     logging.basicConfig(level=logging.WARNING)
     from lexvla.data.sampling import register_sources

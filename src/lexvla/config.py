@@ -141,9 +141,17 @@ class TextConfig:
     lora: LoraSettings | None = None
     gradient_checkpointing: bool = False
     dtype: str = "float32"
+    # Prior subtraction (ours, not the paper's): the scores of this neutral caption ("" = the prompt with
+    # an empty caption) are subtracted from every caption's scores before the mapper, so a word scores by
+    # how much *this* caption raises it over the LLM's caption-independent prior (pointwise mutual
+    # information up to a per-vector constant, which the mapper's centering removes). Words the prompt
+    # alone predicts ("it", "the", "something") stop firing for every caption. None = off (the paper).
+    prior: str | None = None
 
     def __post_init__(self) -> None:
         check_prompt(self.prompt)
+        if self.prior is not None and (not isinstance(self.prior, str) or len(self.prior) > MAX_TEXT_LENGTH):
+            raise ValueError(f"text.prior must be a caption string (\"\" = empty) or None, got {self.prior!r}")
         _check_int("text.max_length", self.max_length, 1, MAX_TEXT_LENGTH)
         _check_arch("text.arch", self.arch)
         self.lora = _sections(LoraSettings, self.lora, "text.lora")

@@ -16,7 +16,11 @@ The filter is deterministic and documented in ``docs/architecture.md``:
    is dropped when the words that *start with it* are together ``fragment_ratio`` times more frequent
    than it is ("includ" -> including, "physic" -> physical, "tri", "cir", "fou"). Common short words
    ("bee" -> been, "ear" -> early) are above ``fragment_zipf`` and stay;
-7. case duplicates are merged into one lower-cased word; its token is the lower-case one when the
+7. function words (``function_words``, off by default): the closed classes of English (articles and
+   determiners, pronouns, prepositions, conjunctions, auxiliary and modal verbs, a few degree adverbs:
+   :data:`FUNCTION_WORDS`) are not dimensions, as stop words are not terms in lexical retrieval. Our
+   choice, not the paper's; numbers, colours and content words stay;
+8. case duplicates are merged into one lower-cased word; its token is the lower-case one when the
    tokenizer has it, else the most frequent cased variant (lowest token id).
 
 The vocabulary is stored with every checkpoint, so a model never depends on the word list's version
@@ -49,6 +53,28 @@ TWO_LETTER_WORDS = frozenset({
 })
 
 
+# English function words (closed classes), for ``VocabularyFilter.function_words``. A hand-kept list, not
+# a stop-word package: the packaged English lists (e.g. stop-words' 1,333 entries) also hold content
+# words an image can show ("face", "fire", "computer", "home", "four"). Directions ("up", "down", "over",
+# "out", "behind") and "one" are kept: they name things in pictures (arrows, "thumbs up").
+_FUNCTION_WORDS = """
+a an the this that these those some any no every each either neither all both half such what which
+whose whatever whichever another other others
+i me my mine myself you your yours yourself yourselves he him his himself she her hers herself it its
+itself we us our ours ourselves they them their theirs themselves oneself
+someone somebody something anyone anybody anything everyone everybody everything nobody nothing none
+who whom whoever
+about across after against along amid among around as at before beneath beside besides between beyond
+by despite during except for from in into like of on onto past per since than through throughout till to
+toward towards unlike until upon via with within without
+and but or nor so yet because although though while whereas if unless whether then
+am is are was were be been being have has had having do does did doing done will would shall should
+can could may might must ought
+not very too also just only quite rather really even ever still there here where when why how
+"""
+FUNCTION_WORDS = frozenset(_FUNCTION_WORDS.split())
+
+
 @dataclass(frozen=True)
 class VocabularyFilter:
     """Settings of the token -> word filter (see module docstring)."""
@@ -63,6 +89,8 @@ class VocabularyFilter:
     # Measured on SmolLM2 (docs/architecture.md): 4.0 / 50 drops "tri", "cir", "includ", "physic" and
     # keeps "bee", "ant", "hen", "owl"; it loses "pea" and "fin".
     fragment_ratio: float = 50.0
+    # Rule 7: drop FUNCTION_WORDS (stop words) from the dimensions.
+    function_words: bool = False
 
     def __post_init__(self) -> None:
         if self.dictionary not in ("wordfreq", "none"):
@@ -190,6 +218,8 @@ def build_vocabulary(tokenizer, vfilter: VocabularyFilter | None = None, source:
         if surface is None or len(surface) < vfilter.min_chars or not _LETTERS.match(surface):
             continue
         if vfilter.shape_rules and not _shape_ok(surface.lower()):
+            continue
+        if vfilter.function_words and surface.lower() in FUNCTION_WORDS:
             continue
         candidates.setdefault(surface.lower(), []).append((surface, tid))
 

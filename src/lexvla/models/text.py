@@ -275,8 +275,15 @@ class TextLexicalEncoder(nn.Module):
         self._prefix.clear()
 
     def scores(self, texts: list[str]) -> torch.Tensor:
-        """(B, V) scores against the frozen text codebook."""
-        return self.hidden(texts) @ self.codebook.T
+        """(B, V) scores against the frozen text codebook, minus the prior's scores when ``cfg.prior`` is set."""
+        if self.cfg.prior is None:
+            return self.hidden(texts) @ self.codebook.T
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        # The prior's prompt rides in the same pass (one more distinct text), so it is the current LoRA's
+        # prior, with its gradient, in training and at inference alike; a caption's vector does not
+        # depend on its batch.
+        h = self.hidden([*texts, self.cfg.prior])
+        return (h[:-1] - h[-1:]) @ self.codebook.T
 
     def hidden(self, texts: list[str]) -> torch.Tensor:
         """(B, D) last-token states; one LLM pass per distinct text (repeats share the row and its graph)."""
