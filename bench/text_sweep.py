@@ -77,10 +77,12 @@ def _model(spec: dict[str, Any], base: str, cache: dict[str, Any]):
         overrides = {"text.lora": lora, **{f"vocab.{k}": v for k, v in vocab.items()}}
         model = (DenseBaseline(get_config(base).replace(**overrides)) if spec.get("dense")
                  else create_model(base, trained=False, **overrides))
-        shared = next((m for m in cache.values() if m is not None and m.config.text.lora == model.config.text.lora),
-                      None)
+        shared = next((m for m in cache.values() if isinstance(m, torch.nn.Module)
+                       and m.config.text.lora == model.config.text.lora), None)
         if shared is not None:  # same frozen lower layers: share their per-caption states
             model.text._prefix = shared.text._prefix
+        elif model.text.split is not None:
+            _load_prefix(model, cache.get("/prefix_dir"))
         cache[key] = model
         cache[key + "/init"] = None
     model = cache[key]
@@ -90,6 +92,42 @@ def _model(spec: dict[str, Any], base: str, cache: dict[str, Any]):
     # text settings that need no new model (the prior rides in the same pass); reset for every run
     model.config.text.prior = spec.get("text", {}).get("prior")
     return model
+
+
+def _prefix_file(model: Any, folder: str | None) -> Path | None:
+    if not folder or model.text.split is None:
+        return None
+    key = json.dumps([model.config.text.source, model.config.text.prompt, model.text.split])
+    import hashlib
+
+    return Path(folder) / f"prefix-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
+
+
+def _load_prefix(model: Any, folder: str | None) -> None:
+    """The frozen lower layers' per-caption states of an earlier invocation (a pure function of the
+    LLM, the prompt and the split), so each locked invocation does not pay them again."""
+    path = _prefix_file(model, folder)
+    if path is None or not path.is_file():
+        return
+    from safetensors.torch import load_file
+
+    rows = load_file(str(path))
+    texts = json.loads(path.with_suffix(".json").read_text())
+    model.text._prefix.update({t: rows[str(i)] for i, t in enumerate(texts)})
+
+
+def _save_prefix(models: dict[str, Any], folder: str | None) -> None:
+    from safetensors.torch import save_file
+
+    for model in models.values():
+        path = _prefix_file(model, folder) if isinstance(model, torch.nn.Module) else None
+        if path is None or not model.text._prefix or (path.with_suffix(".json").is_file() and len(json.loads(
+                path.with_suffix(".json").read_text())) >= len(model.text._prefix)):
+            continue
+        texts = list(model.text._prefix)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({str(i): model.text._prefix[t].contiguous() for i, t in enumerate(texts)}, str(path))
+        path.with_suffix(".json").write_text(json.dumps(texts))
 
 
 def _apply_mapper(model: Any, mapper: dict[str, Any]):
@@ -169,10 +207,31 @@ def run(name: str, args: argparse.Namespace, models: dict[str, Any]) -> dict[str
     return out
 
 
+def table(path: str) -> str:
+    """The results file as the markdown table of docs/training.md (last line per run name wins)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            rows[r["run"]] = r
+    out = ["| run | steps | I->T R@1 / R@5 | T->I R@1 / R@5 | words img / cap | most active word outside its caption "
+           "(share of captions) | top-5 share | train s | load |", "|" + "---|" * 9]
+    for r in rows.values():
+        m = r.get("dense") or r["inv_sqrt_v"]
+        over = r.get("overused_text") or [["-", 0.0]]
+        top5 = r.get("top5_share", {}).get("mean")
+        out.append(f"| {r['run']} | {r['steps']} | {m['i2t']['1']:.3f} / {m['i2t']['5']:.3f} | "
+                   f"{m['t2i']['1']:.3f} / {m['t2i']['5']:.3f} | {m['words']['image']:.0f} / {m['words']['text']:.0f} | "
+                   f"{over[0][0]} {100 * over[0][1]:.0f}% | {'-' if top5 is None else f'{100 * top5:.0f}%'} | "
+                   f"{r['train_s']:.0f} | {r.get('load', ['?'])[0]} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", help=f"comma-separated names from {sorted(RUNS)}")
     p.add_argument("--list", action="store_true", help="print the run names and their settings")
+    p.add_argument("--table", metavar="JSONL", help="print a results file as a markdown table and exit")
     p.add_argument("--model", default="lexvla-embedded")
     p.add_argument("--train-source", default="emoji-heldout",
                    help="training source (emoji-heldout: Noto + OpenMoji outside held-out concepts and subgroups, "
@@ -184,8 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr-lora", type=float, default=5e-4)
     p.add_argument("--work", default="/tmp/lexvla-sweep")
+    p.add_argument("--prefix-cache", default="/tmp/lexvla-sweep/prefix",
+                   help="folder for the frozen LLM layers' per-caption states, reused by later invocations")
     p.add_argument("--out", default="bench/results/text_sweep.jsonl")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return 0
     if args.list or not args.runs:
         for name, spec in RUNS.items():
             print(f"{name:28} {json.dumps(spec)}")
@@ -198,11 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     from lexvla.data.sampling import register_sources
 
     register_sources()
-    models: dict[str, Any] = {}
+    models: dict[str, Any] = {"/prefix_dir": args.prefix_cache}
     for name in args.runs.split(","):
         res = run(name, args, models)
         with open(args.out, "a") as f:
             f.write(json.dumps(res) + "\n")
+        _save_prefix(models, args.prefix_cache)
     return 0
 
 

@@ -193,7 +193,7 @@ def _embedded() -> LexVLAConfig:
     return LexVLAConfig(
         backbone=BackboneConfig(name="vgg16bn", source="embedded", image_size=64, taps=(12, 22, 39), grid=4),
         adapter=AdapterConfig(width=384, heads=6, mlp_ratio=2.0),
-        text=TextConfig(source="embedded:smollm2", arch=dict(LLM_ARCHS["smollm2-135m"]), lora=embedded_lora()),
+        text=embedded_text(),
         mapper=embedded_mapper(),
     )
 
@@ -202,6 +202,13 @@ def _embedded() -> LexVLAConfig:
 # LoRA on SmolLM2's top 2 layers (the 28 below are computed once per caption), at most 64 words per vector.
 def embedded_lora() -> LoraSettings:
     return LoraSettings(r=8, alpha=16, dropout=0.0, last_layers=2)
+
+
+def embedded_text() -> TextConfig:
+    """SmolLM2 with LoRA on the top 2 layers and the empty caption's prediction subtracted (``text.prior``):
+    measured on held-out emoji, it stops "it", "the", "something" firing for every caption."""
+    return TextConfig(source="embedded:smollm2", arch=dict(LLM_ARCHS["smollm2-135m"]), lora=embedded_lora(),
+                      prior="")
 
 
 def embedded_mapper() -> MapperConfig:
