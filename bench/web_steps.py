@@ -1,7 +1,8 @@
 """What each step of the web app's text-search path costs, in process (no HTTP), on an index.
 
 Times (median of --repeat runs, milliseconds): encoding one query vs a batch of --batch queries per
-text, with 1 and 2 torch threads; the index search with explanations of every shared word vs only the
+text, with 1 and 2 torch threads; the exact fast encode path's rewrites one at a time (plain, LoRA
+merged, prompt prefix cached, both; rounds interleaved so load changes hit every variant alike); the index search with explanations of every shared word vs only the
 6 shown; and the whole service call with a cold vs a cached query vector.
 
     python bench/web_steps.py idx/ --model lexvla-embedded --json bench/results/web_steps.json
@@ -32,6 +33,34 @@ def median_ms(fn, repeat: int) -> float:
     return round(statistics.median(times), 2)
 
 
+def fast_encode_steps(model, texts: list[str], repeat: int) -> dict:
+    """Median ms of one query and of a batch for each fast-path variant, rounds interleaved."""
+    from lexvla.models.text_fast import FastTextEncoder
+
+    variants = {"plain": None,
+                "lora_merged": FastTextEncoder(model.text, merge_lora=True, prefix_cache=False),
+                "prefix_cached": FastTextEncoder(model.text, merge_lora=False, prefix_cache=True),
+                "both (served)": FastTextEncoder(model.text)}
+
+    def encode(fast, batch):
+        if fast is None:
+            return model.encode_text(batch, batch_size=len(batch)).vectors
+        return model.mapper.text(fast.scores(batch))
+
+    times: dict = {(name, n): [] for name in variants for n in (1, len(texts))}
+    ref = {n: encode(None, texts[:n]) for n in (1, len(texts))}
+    for _ in range(repeat):
+        for name, fast in variants.items():
+            for n in (1, len(texts)):
+                t0 = time.perf_counter()
+                v = encode(fast, texts[:n])
+                times[(name, n)].append((time.perf_counter() - t0) * 1000)
+                assert (v - ref[n]).abs().max().item() <= 1e-5, name  # the same vectors, to float rounding
+    return {name: {"one_query_ms": round(statistics.median(times[(name, 1)]), 2),
+                   f"batch_of_{len(texts)}_ms": round(statistics.median(times[(name, len(texts))]), 2)}
+            for name in variants}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("index")
@@ -59,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             out[f"encode_{threads}thread"] = {"one_query_ms": one, f"batch_of_{len(texts)}_ms": batch,
                                               "per_query_in_batch_ms": round(batch / len(texts), 2)}
         torch.set_num_threads(1)
+        out["fast_encode_1thread"] = fast_encode_steps(model, texts, max(args.repeat, 15))
         q = index.prepare_queries(model.encode_text(texts[:1]).vectors)
     index.sync()
     out["search_all_words_ms"] = median_ms(lambda: index.search_vectors(q, args.k), args.repeat)

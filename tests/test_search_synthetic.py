@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lexvla.index import ModelRecord, SparseIndex
+from lexvla.index.backends.seismic import SeismicOptions
 from lexvla.index.synthetic import VectorStats, generate, measure, measure_side, zipf_sparse
 from lexvla.vocab import Vocabulary
 
@@ -62,3 +63,35 @@ def test_seismic_defaults_keep_recall_on_a_generated_collection(tmp_path):
     recall = np.mean([len(set(c.rows.tolist()) & set(r.tolist())) / 10 for c, r in zip(found, ref)])
     index.close()
     assert recall >= 0.95, f"Seismic defaults: recall@10 = {recall:.3f}"
+
+
+def test_seismic_wider_candidates_are_rescored_exactly_and_the_knn_graph_is_used(tmp_path):
+    """candidates > k: Seismic's wider list is re-scored from the store and cut to the k best (scores are
+    the exact dot products); nknn + n_knn: the kNN graph builds and its neighbours join the candidates."""
+    pytest.importorskip("seismic")
+    dim, n = 800, 3000
+    docs, queries = zipf_sparse(n, dim, 48, 0.6, seed=3), zipf_sparse(40, dim, 48, 0.6, seed=4)
+    vocab = Vocabulary([f"w{i}" for i in range(dim)], list(range(dim)))
+    index = SparseIndex.create(tmp_path, vocab, ModelRecord("synthetic", "fp", vocab.fingerprint(), dim),
+                               backend="seismic", backend_options={"n_postings": 20, "nknn": 8})
+    index.add(docs, [str(i) for i in range(n)])
+    backend = index.backend("images")
+    exact = (queries @ docs.T).toarray()
+    ref = np.argsort(-exact, axis=1, kind="stable")[:, :10]
+
+    def recall(found):
+        return np.mean([len(set(c.rows.tolist()) & set(r.tolist())) / 10 for c, r in zip(found, ref)])
+
+    plain = backend.search(queries, 10)
+    backend.options.candidates = 100
+    wide = backend.search(queries, 10)
+    for i, c in enumerate(wide):
+        assert len(c.rows) == 10 and len(set(c.rows.tolist())) == 10
+        np.testing.assert_allclose(c.scores, exact[i, c.rows], rtol=1e-5)
+        assert np.all(np.diff(c.scores) <= 0)
+    backend.options.n_knn = 8
+    graph = backend.search(queries, 10)
+    index.close()
+    assert recall(wide) >= recall(plain) and recall(graph) > recall(plain), (recall(plain), recall(wide), recall(graph))
+    with pytest.raises(ValueError, match="n_knn needs a kNN graph"):
+        SeismicOptions(n_knn=4)

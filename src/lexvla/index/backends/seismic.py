@@ -40,7 +40,12 @@ class SeismicOptions:
 
     n_postings: postings kept per word on average (Seismic's global pruning: the n_postings x V largest
         weights of the collection). A fixed number: build cost stays linear in the collection.
+    max_fraction: a word's list keeps at most n_postings x max_fraction documents (Seismic's cap).
+    centroid_fraction, summary_energy: blocks per list (as a fraction of its length) and how much of a
+        block's weight its summary keeps. nknn: neighbours per document in Seismic's kNN graph (0: none).
     query_cut: the query's largest words searched (None: all). heap_factor: < 1 prunes blocks more.
+    candidates: rows asked of Seismic per query (0: k); more than k are re-scored exactly from the store
+        and the k best kept. n_knn: graph neighbours added to the candidates (needs nknn > 0).
     num_threads: Rayon threads for build and search (0: ``$RAYON_NUM_THREADS`` or every core).
     """
 
@@ -49,8 +54,12 @@ class SeismicOptions:
     summary_energy: float = 0.4
     min_cluster_size: int = 2
     doc_cut: int = 15  # words per document used to assign it to a cluster while building (Seismic's default)
+    max_fraction: float = 1.5
+    nknn: int = 0
     query_cut: int | None = 10
     heap_factor: float = 0.9
+    candidates: int = 0
+    n_knn: int = 0
     num_threads: int = 0
 
     def __post_init__(self) -> None:
@@ -62,6 +71,15 @@ class SeismicOptions:
             raise ValueError(f"heap_factor must be in (0, 1], got {self.heap_factor}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
+        if not 0.0 < self.centroid_fraction <= 1.0 or not 0.0 < self.summary_energy <= 1.0:
+            raise ValueError(f"centroid_fraction and summary_energy must be in (0, 1], got "
+                             f"{self.centroid_fraction}, {self.summary_energy}")
+        if self.max_fraction < 1.0:
+            raise ValueError(f"max_fraction must be >= 1, got {self.max_fraction}")
+        if min(self.nknn, self.candidates, self.n_knn) < 0:
+            raise ValueError("nknn, candidates and n_knn must be >= 0")
+        if self.n_knn and not self.nknn:
+            raise ValueError("n_knn needs a kNN graph: set nknn > 0 too")
 
 
 def set_rayon_threads(n: int) -> int:
@@ -114,7 +132,8 @@ class SeismicBackend(SearchBackend):
     def _params(self) -> dict:
         o = self.options
         return {"n_postings": int(o.n_postings), "centroid_fraction": o.centroid_fraction,
-                "summary_energy": o.summary_energy, "min_cluster_size": o.min_cluster_size, "doc_cut": o.doc_cut}
+                "summary_energy": o.summary_energy, "min_cluster_size": o.min_cluster_size, "doc_cut": o.doc_cut,
+                "max_fraction": o.max_fraction, "nknn": int(o.nknn)}
 
     def sync(self) -> None:
         params = self._params()
@@ -177,14 +196,24 @@ class SeismicBackend(SearchBackend):
         if not qids:
             return out
         cut = self.options.query_cut or int(max(len(c) for c in comps))
-        results = self._index.batch_search(np.array(qids, dtype=string), comps, vals, k=k, query_cut=cut,
-                                           heap_factor=self.options.heap_factor, num_threads=self.threads)
+        ask = max(k, self.options.candidates)
+        results = self._index.batch_search(np.array(qids, dtype=string), comps, vals, k=ask, query_cut=cut,
+                                           heap_factor=self.options.heap_factor, n_knn=self.options.n_knn,
+                                           num_threads=self.threads)
+        matrix = self.store.matrix() if ask > k else None
         # batch_search returns the lists in completion order, not query order: map them by query id.
         for res in results:
             if res:
+                qi = int(res[0][0])
                 rows = np.array([int(doc) for _, _, doc in res], dtype=np.int64)
-                scores = np.array([score for _, score, _ in res], dtype=np.float32) / self._scale
-                out[int(res[0][0])] = Candidates(rows, scores)
+                if matrix is None:
+                    scores = np.array([score for _, score, _ in res], dtype=np.float32) / self._scale
+                else:  # exact re-scoring of the wider candidate list from the store, then the k best
+                    rows = np.unique(rows)
+                    scores = np.asarray(matrix[rows] @ queries[qi].T.toarray()).ravel().astype(np.float32)
+                    best = np.lexsort((rows, -scores))[:k]
+                    rows, scores = rows[best], scores[best]
+                out[qi] = Candidates(rows, scores)
         return out
 
     def describe(self) -> dict:
