@@ -52,7 +52,7 @@ def patchdis_figure(pred: PatchPrediction, class_names: Sequence[str], path: str
     path.parent.mkdir(parents=True, exist_ok=True)
     image = np.asarray(pred.image.convert("RGB"))
     palette = _colours(max(len(class_names), 1))
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 5.6))
     rows, cols = pred.patch_map.shape
     panels = [(image, "image"), (_overlay(image, pred.pred, palette), f"PatchDis prediction ({rows}x{cols} patches)"),
               (_overlay(image, pred.label, palette), "ground truth (grey = ignored)")]
@@ -68,12 +68,26 @@ def patchdis_figure(pred: PatchPrediction, class_names: Sequence[str], path: str
         axes[1].axhline(r * h / rows - 0.5, color="white", lw=0.4, alpha=0.6)
     for c in range(1, cols):
         axes[1].axvline(c * w / cols - 0.5, color="white", lw=0.4, alpha=0.6)
-    shown = sorted((set(np.unique(pred.pred).tolist()) | set(np.unique(pred.label).tolist())) - {255})
-    handles = [Patch(color=palette[i] / 255.0, label=class_names[i]) for i in shown if i < len(class_names)]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    # One legend per panel: the ground truth's classes, and the prediction's largest classes by area (a
+    # 14x14 grid can predict dozens; a shared legend of all of them hides the picture). A predicted class
+    # that is in the ground truth is marked, so a reader sees at once which objects were named.
+    truth = [int(i) for i in np.unique(pred.label) if i != 255 and i < len(class_names)]
+    ids, counts = np.unique(pred.pred[pred.label != 255], return_counts=True)
+    order = [(int(i), int(n)) for n, i in sorted(zip(counts, ids), reverse=True) if i < len(class_names)]
+    total = max(sum(n for _, n in order), 1)
+    top = order[:8]
+    for ax, entries in ((axes[1], [(i, f"{'* ' if i in truth else ''}{class_names[i]} ({100 * n / total:.0f}%)")
+                                    for i, n in top]
+                         + ([(-1, f"{len(order) - len(top)} more classes")] if len(order) > len(top) else [])),
+                        (axes[2], [(i, class_names[i]) for i in truth])):
+        handles = [Patch(color=palette[i] / 255.0 if i >= 0 else "white", label=label[:38]) for i, label in entries]
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=1, fontsize=7.5,
+                  frameon=False)
+    axes[1].set_title(f"PatchDis prediction ({rows}x{cols} patches; * = in the ground truth;\n"
+                      "share of scored pixels)", fontsize=9)
     fig.suptitle(pred.sample.id, fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    fig.savefig(path, dpi=110)
+    fig.tight_layout(rect=(0, 0.0, 1, 0.95))
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
