@@ -228,7 +228,7 @@ def _embedded_dinov2() -> LexVLAConfig:
                                 arch=dict(DINOV2_ARCHS["dinov2-small"])),
         adapter=AdapterConfig(width=384, heads=6, mlp_ratio=2.0),
         # the same text side and sparsity recipe as lexvla-embedded, so the two compare backbones only
-        text=TextConfig(source="embedded:smollm2", arch=dict(LLM_ARCHS["smollm2-135m"]), lora=embedded_lora()),
+        text=embedded_text(),
         mapper=embedded_mapper(),
     )
 
