@@ -15,10 +15,12 @@ TEXTS = ["a red circle", "a blue square on a white table", '"quoted" words', "(a
          "a very long caption " * 12, "a red circle"]
 
 
-@pytest.fixture(scope="module")
-def trained_tiny():
-    """lexvla-tiny with non-zero LoRA weights (B starts at zero, which would make merging a no-op)."""
-    model = lexvla.create_model("lexvla-tiny").eval()
+@pytest.fixture(scope="module", params=[None, ""], ids=["no-prior", "prior"])
+def trained_tiny(request):
+    """lexvla-tiny with non-zero LoRA weights (B starts at zero, which would make merging a no-op),
+    without and with the prior subtraction (``text.prior``: the empty caption's state)."""
+    overrides = {} if request.param is None else {"text.prior": request.param}
+    model = lexvla.create_model("lexvla-tiny", **overrides).eval()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.text.llm.named_parameters():
@@ -37,11 +39,13 @@ def test_fast_path_equals_the_plain_encode(trained_tiny, merge, prefix):
         plain = text.hidden(TEXTS)
         got = fast.hidden(TEXTS)
         one_by_one = torch.cat([fast.hidden([t]) for t in TEXTS])
-        vec_plain = trained_tiny.mapper.text(plain @ text.codebook.T)
-        vec_fast = trained_tiny.mapper.text(fast.scores(TEXTS))
+        scores_plain, scores_fast = text.scores(TEXTS), fast.scores(TEXTS)
+        vec_plain = trained_tiny.encode_text(TEXTS).vectors
+        vec_fast = trained_tiny.mapper.text(scores_fast)
     scale = plain.abs().max().item()
     assert (got - plain).abs().max().item() <= 1e-5 * max(scale, 1.0)
     assert (one_by_one - got).abs().max().item() <= 1e-5 * max(scale, 1.0)
+    assert (scores_fast - scores_plain).abs().max().item() <= 1e-5 * max(scores_plain.abs().max().item(), 1.0)
     assert (vec_fast - vec_plain).abs().max().item() <= 1e-5
     assert torch.equal(vec_fast.topk(10).indices, vec_plain.topk(10).indices)
     # the LoRA weights matter here (a fast path that dropped them would not pass)

@@ -1,10 +1,12 @@
 """Inference-only fast path of the text encoder, for query serving (``lexvla serve``).
 
-Two exact rewrites of :meth:`TextLexicalEncoder.hidden`, each measured in docs/web.md:
+Exact rewrites of :meth:`TextLexicalEncoder.scores`, each measured in docs/web.md:
 
 - **LoRA folded into the weights.** The layers that carry LoRA adapters are copied once with
   ``W + scale * B @ A`` merged into their linear layers (peft's own ``merge``), so a query runs plain
   ``nn.Linear`` layers; the frozen layers are shared with the model, not copied.
+- **The prior computed once.** With ``text.prior`` set, the plain path encodes the prior's caption
+  beside every batch and subtracts its state; at inference that state is a constant.
 - **The prompt's constant prefix computed once.** Every prompt starts with the same text (``This
   sentence: "``); the keys and values its tokens leave in every layer depend on nothing else (causal
   attention), so they are computed once and each query runs only its own tokens on top of them. A
@@ -102,6 +104,12 @@ class FastTextEncoder:
                 with torch.inference_mode():
                     self._prefix_kv = self._prefix_states(torch.tensor([ids], device=self.device))
 
+        # The plain path runs the prior's prompt beside every batch; its state depends on the weights only.
+        self._prior: torch.Tensor | None = None
+        if getattr(text_encoder.cfg, "prior", None) is not None:
+            with torch.inference_mode():
+                self._prior = self.hidden([text_encoder.cfg.prior])
+
     def _run(self, input_ids: torch.Tensor, allowed: torch.Tensor, position_ids: torch.Tensor,
              cache: _PrefixCache) -> torch.Tensor:
         """Decoder over ``input_ids`` (B, T) with a boolean (B, 1, T, P + T) attention mask; (B, D)."""
@@ -163,5 +171,9 @@ class FastTextEncoder:
         return self._run(ids, allowed, position_ids, cache)
 
     def scores(self, texts: list[str]) -> torch.Tensor:
-        """(B, V) scores against the frozen text codebook, as :meth:`TextLexicalEncoder.scores`."""
-        return self.hidden(texts) @ self.codebook.T
+        """(B, V) scores against the frozen text codebook, as :meth:`TextLexicalEncoder.scores` (minus the
+        prior's scores when ``text.prior`` is set: its state, constant at inference, computed once)."""
+        hidden = self.hidden(texts)
+        if self._prior is not None:
+            hidden = hidden - self._prior
+        return hidden @ self.codebook.T
