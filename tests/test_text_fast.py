@@ -12,7 +12,7 @@ from lexvla.models.text_fast import FastTextEncoder
 # prefix's last token (`Ġ"`) and reuses only part of it; one caption is longer than the tiny model's
 # max_length (cut as the plain path cuts it).
 TEXTS = ["a red circle", "a blue square on a white table", '"quoted" words', "(a) bracket", "-dash", "x",
-         "a very long caption " * 12, "a red circle"]
+         "a very long caption " * 12, "a red circle", ""]  # "": the prior itself (scores exactly 0)
 
 
 @pytest.fixture(scope="module", params=[None, ""], ids=["no-prior", "prior"])

@@ -173,7 +173,11 @@ class FastTextEncoder:
     def scores(self, texts: list[str]) -> torch.Tensor:
         """(B, V) scores against the frozen text codebook, as :meth:`TextLexicalEncoder.scores` (minus the
         prior's scores when ``text.prior`` is set: its state, constant at inference, computed once)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
         hidden = self.hidden(texts)
         if self._prior is not None:
+            # the prior's own caption scores exactly zero, as in the plain path (one shared row there)
+            same = [i for i, t in enumerate(texts) if t.strip() == self.text.cfg.prior.strip()]
+            hidden[same] = self._prior
             hidden = hidden - self._prior
         return hidden @ self.codebook.T
