@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="64,128,224")
     ap.add_argument("--classes", default="all,present")
     ap.add_argument("--windows", default="none", help="adapter attention windows in patches (none = all)")
+    ap.add_argument("--patch-scores", default="own", help="own,attributed")
     ap.add_argument("--collages", type=int, default=100)
     ap.add_argument("--prompt", default="an emoji of {}.")
     ap.add_argument("--figures", default=None, help="folder for two pictures per setting")
@@ -46,17 +47,20 @@ def main() -> None:
         model = lexvla.load(path)
         model.text.keep_prefix = True
         dense = isinstance(model, DenseBaseline)
-        settings = [(int(s), None if w == "none" else int(w), c) for s in args.sizes.split(",")
-                    for w in args.windows.split(",") for c in args.classes.split(",")]
-        for size, window, classes in settings:
+        settings = [(int(s), None if w == "none" else int(w), c, ps) for s in args.sizes.split(",")
+                    for w in args.windows.split(",") for ps in args.patch_scores.split(",")
+                    for c in args.classes.split(",")]
+        for size, window, classes, patch_scores in settings:
+            if dense and patch_scores != "own":
+                continue  # a mean-pooled model's attribution is its own patch similarity
             cfg = PatchDisConfig(prompt=args.prompt, classes=classes, image_size=size, progress=False,
-                                 attention_window=window, sparsification="none" if dense else "threshold",
+                                 attention_window=window, patch_scores=patch_scores, sparsification="none" if dense else "threshold",
                                  figures=2 if args.figures else 0)
             t = time.perf_counter()
-            fig_dir = Path(args.figures) / f"{label}_{size}_w{window}_{classes}" if args.figures else None
+            fig_dir = Path(args.figures) / f"{label}_{size}_w{window}_{patch_scores}_{classes}" if args.figures else None
             r = evaluate_patchdis(model, seg, cfg, out_dir=fig_dir, model_name=label)
             row = {"model": label, "path": path, "image_size": size, "grid": r.grid, "classes": classes,
-                   "attention_window": window, "miou": r.miou, "pixel_accuracy": r.pixel_accuracy,
+                   "attention_window": window, "patch_scores": patch_scores, "miou": r.miou, "pixel_accuracy": r.pixel_accuracy,
                    "localisation_auc": r.localisation_auc, "num_classes": len(r.scored_classes),
                    "collages": r.num_images, "seconds": round(time.perf_counter() - t, 1), "figures": r.figures}
             print(json.dumps(row), flush=True)

@@ -173,8 +173,26 @@ def test_patchdis_present_classes_and_image_size(tmp_path, model):
     res = evaluate_patchdis(model, data, PatchDisConfig(progress=False, figures=0, classes="present"))
     assert res.pixel_accuracy == 1.0 and res.miou == 1.0 and res.classes == "present"
     assert model.backbone.cfg.image_size == 56 and model.backbone.grid == (4, 4)
-    big = evaluate_patchdis(model, data, PatchDisConfig(progress=False, figures=0, image_size=112))
-    assert big.grid == (8, 8) and big.image_size == 112
+    big = evaluate_patchdis(model, data, PatchDisConfig(progress=False, figures=0, image_size=112,
+                                                        patch_scores="attributed", attention_window=1))
+    assert big.grid == (8, 8) and big.image_size == 112 and big.patch_scores == "attributed"
+    assert model.adapter.window is None
     assert model.backbone.grid == (4, 4) and model.backbone.preprocess.image_size == 56  # restored
     with pytest.raises(ValueError, match="patch stride"), model.backbone.at_image_size(100):
         pass
+
+
+def test_attributed_patches_split_the_image_score():
+    """Each word of the image vector sits on the patch max pooling took it from; the patch scores then
+    sum to the image-text score."""
+    from lexvla.eval.patchdis import attributed_patches
+
+    g = torch.Generator().manual_seed(0)
+    patches = torch.rand(2, 5, 7, generator=g)
+    image = patches.amax(1)
+    text = torch.rand(3, 7, generator=g)
+    att = attributed_patches(image, patches)
+    assert torch.allclose(att.sum(1), image)
+    assert torch.allclose((att @ text.T).sum(1), image @ text.T)
+    assert ((att > 0).sum(1) == 1).all()  # one patch per word
+    assert torch.equal(att.argmax(1), patches.argmax(1))

@@ -11,7 +11,7 @@ from typing import Any
 from .._cli import ModelSpec, add_model_argument
 from ..sparsification import SPEC_HELP, Sparsification
 from .metrics import TIE_RULES
-from .patchdis import BACKGROUND_MODES, CLASS_SETS, PatchDisConfig
+from .patchdis import BACKGROUND_MODES, CLASS_SETS, PATCH_SCORES, PatchDisConfig
 from .retrieval import RetrievalConfig
 from .retrieval_data import RETRIEVAL_DATASETS, RetrievalDataConfig
 from .segmentation_data import SEGMENTATION_DATASETS, SegDataConfig
@@ -106,7 +106,8 @@ def run_patchdis(args: argparse.Namespace) -> int:
                             background_threshold=args.background_threshold,
                             sparsification=Sparsification.parse(args.sparsify), batch_size=args.batch_size,
                             figures=args.figures, progress=not args.no_progress, classes=args.classes,
-                            image_size=args.image_size, attention_window=args.attention_window)
+                            image_size=args.image_size, attention_window=args.attention_window,
+                            patch_scores=args.patch_scores)
     result = evaluate_patchdis(_load_model(args.model), data, config, out_dir=args.out, model_name=str(args.model))
     path = result.save(args.out / f"patchdis_{data.name}.json")
     _out(result.table())
@@ -149,5 +150,8 @@ def register(subparsers: Any) -> None:
                         "model with a 4x4 grid -> 14x14; default: the model's own size)")
     p.add_argument("--attention-window", type=int, default=None,
                    help="adapter attention only within this many patch rows/columns (default: all patches)")
+    p.add_argument("--patch-scores", default="own", choices=PATCH_SCORES,
+                   help="score a patch by its own lexical vector (the paper) or by the image-vector words it "
+                        "supplies to the max over patches (default: %(default)s)")
     p.set_defaults(func=run_patchdis, batch_size=8)
 

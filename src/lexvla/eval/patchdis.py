@@ -38,6 +38,11 @@ BACKGROUND_MODES = ("ignore", "class", "threshold")
 # Which classes compete for an image's patches: every class of the set (the paper's protocol), or only
 # those present in the image's ground truth (a second, easier number: localisation among known objects).
 CLASS_SETS = ("all", "present")
+# What a patch is scored by: its own lexical vector (the paper), or the part of the image vector it
+# supplies: max pooling takes each word from one patch, so the image-text score splits exactly into
+# per-patch sums over the words each patch supplied ("attributed"). A mean-pooled dense model's
+# decomposition is its own patch similarity (divided by P), so it is scored the same either way.
+PATCH_SCORES = ("own", "attributed")
 
 
 @dataclass
@@ -56,6 +61,7 @@ class PatchDisConfig:
     # Limit the adapter's attention to patches within this many rows/columns (Adapter.local_attention),
     # e.g. the training grid's span on a larger image; None = all patches, as trained.
     attention_window: int | None = None
+    patch_scores: str = "own"  # PATCH_SCORES
 
     def __post_init__(self) -> None:
         if "{}" not in self.prompt:
@@ -66,6 +72,8 @@ class PatchDisConfig:
             self.sparsification = Sparsification.parse(self.sparsification)
         if self.batch_size <= 0 or self.figures < 0:
             raise ValueError("batch_size must be positive and figures >= 0")
+        if self.patch_scores not in PATCH_SCORES:
+            raise ValueError(f"patch_scores must be one of {PATCH_SCORES}, got {self.patch_scores!r}")
         if self.classes not in CLASS_SETS:
             raise ValueError(f"classes must be one of {CLASS_SETS}, got {self.classes!r}")
         if self.image_size is not None and self.image_size < 1:
@@ -98,6 +106,7 @@ class PatchDisResult(JSONResult):
     classes: str = "all"  # which classes competed per image (CLASS_SETS)
     image_size: int | None = None  # input size the images were encoded at (None = the model's own)
     attention_window: int | None = None  # the adapter's attention span in patches (None = all)
+    patch_scores: str = "own"  # PATCH_SCORES
     # Do patches localise? ROC AUC of the best class score, patches mostly on objects (>= half their
     # labelled pixels) vs pure background patches; 0.5 = the score says nothing about where objects
     # are (then no background threshold can work). None when the set has no background class.
@@ -166,6 +175,22 @@ def _class_vectors(model: Any, names: list[str], prompt: str, spars: Sparsificat
     return spars(out.vectors.detach().float().cpu())
 
 
+def _is_dense(model: Any) -> bool:
+    from ..models.dense import DenseBaseline
+
+    return isinstance(model, DenseBaseline)
+
+
+def attributed_patches(vectors: torch.Tensor, patch_vectors: torch.Tensor) -> torch.Tensor:
+    """(B, V) image vectors, (B, P, V) patch vectors -> (B, P, V): each word of the image vector placed on
+    the patch with its largest patch activation (the patch max pooling took it from), zero elsewhere, so
+    summing over patches gives the image vector back and ``(attributed @ text).sum(1)`` is the
+    image-text score."""
+    best = patch_vectors.argmax(1, keepdim=True)  # (B, 1, V)
+    out = torch.zeros_like(patch_vectors)
+    return out.scatter_(1, best, vectors.unsqueeze(1))
+
+
 def _allowed(sample: SegSample, label: np.ndarray, scored: list[int], background: int | None, classes: str
              ) -> torch.Tensor | None:
     """Mask over ``scored`` of the classes that may take this image's patches (None = all of them):
@@ -206,7 +231,11 @@ def predict_patches(
         if out.patch_vectors is None or out.grid is None:
             raise TypeError("PatchDis needs encode_image(..., return_patches=True) to return patch_vectors and grid")
         grid = tuple(out.grid)
-        patches = config.sparsification(out.patch_vectors.detach().float().cpu())
+        if config.patch_scores == "attributed" and not _is_dense(model):
+            patches = attributed_patches(config.sparsification(out.vectors.detach().float().cpu()),
+                                         out.patch_vectors.detach().float().cpu())
+        else:
+            patches = config.sparsification(out.patch_vectors.detach().float().cpu())
         scores = patches @ class_vecs.T  # (B, P, C)
         for s, img, sc in zip(samples, images, scores):
             label = s.load_mask()
@@ -274,6 +303,7 @@ def evaluate_patchdis(
         classes=config.classes,
         image_size=config.image_size,
         attention_window=config.attention_window,
+        patch_scores=config.patch_scores,
         localisation_auc=separation_auc(np.concatenate(on_objects), np.concatenate(on_background))
         if on_objects else None,
         figures=figures,
