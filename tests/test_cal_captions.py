@@ -260,6 +260,20 @@ def test_caption_experiment_tiny(tmp_path):
     assert all(len(r["finder_scores"]) == len(r["tokens"]) for r in ranked)
     html = (tmp_path / "ranked.html").read_text()
     assert "most contradicted" in html and "centred at zero" in html
+    # the marginal over reference images (the manifest's own by default) as the text-only expectation
+    args = parser.parse_args(["cal", "inspect", "--checkpoint", ckpt, "--manifest", str(tmp_path / "seed0" / "heldout.jsonl"),
+                              "--signal", "pmi_marginal", "--reference-images", "4", "--out", str(tmp_path / "ranked_m")])
+    assert args.func(args) == 0
+    ranked_m = [json.loads(x) for x in (tmp_path / "ranked_m.jsonl").read_text().splitlines()]
+    assert len(ranked_m) == 12 and [r["score"] for r in ranked_m] == sorted(r["score"] for r in ranked_m)
+    assert [r["score"] for r in ranked_m] != [r["score"] for r in ranked]
+    image = str((tmp_path / "seed0" / heldout[0]["image"]).resolve())
+    single = ["cal", "inspect", "--checkpoint", ckpt, "--image", image, "--text", heldout[0]["caption"],
+              "--signal", "pmi_marginal", "--out", str(tmp_path / "single_m")]
+    with pytest.raises(ValueError, match="needs --reference"):
+        parser.parse_args(single).func(parser.parse_args(single))
+    args = parser.parse_args(single + ["--reference", str(tmp_path / "seed0" / "heldout.jsonl")])
+    assert args.func(args) == 0 and (tmp_path / "single_m.png").stat().st_size > 1000
     # seeds run as separate processes merge into one report
     from lexvla.cal.caption_experiment import merge_results, write_caption_report
 
@@ -275,3 +289,40 @@ def test_caption_experiment_tiny(tmp_path):
     (tmp_path / "merged").mkdir()
     write_caption_report(merged, tmp_path / "merged")
     assert "Seeds: 0, 7" in (tmp_path / "merged" / "results.md").read_text()
+
+
+def test_marginal_logprobs_is_the_reference_images_mixture():
+    import math
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lexvla.cal.inspect import marginal_logprobs, reference_features, target_logprobs
+    from lexvla.cal.vlm import SmallVLM, VLMConfig
+    from lexvla.config import BackboneConfig
+    from lexvla.models.text import load_tokenizer
+
+    tiny = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2}
+    cfg = VLMConfig(backbone=BackboneConfig(name="vgg16bn", source="random", image_size=32, taps=(5, 12)),
+                    llm="random", llm_arch=tiny)
+    tok = load_tokenizer(cfg.tokenizer)
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, **tiny))
+    vlm = SmallVLM(cfg, llm=llm, tokenizer=tok)
+    ref = torch.randn(3, 4, vlm.backbone.embed_dim) * 3
+    text = "red apple: fruit, food"
+    per = target_logprobs(vlm, ref, [text] * 3)
+    marg = marginal_logprobs(vlm, ref, [text, text], batch_size=2)
+    assert list(marg) == [text] and len(marg[text]) == len(per[0])
+    # every prefix's marginal likelihood is the mean of its likelihoods under the reference images
+    for t in range(1, len(per[0]) + 1):
+        mix = math.log(sum(math.exp(sum(p[:t])) for p in per) / 3)
+        assert sum(marg[text][:t]) == pytest.approx(mix, abs=1e-4)
+    assert per[0] != per[1]  # the images matter, so the mixture is not any one of them
+    # one reference image: the marginal is that image's own prediction
+    assert marginal_logprobs(vlm, ref[:1], [text])[text] == pytest.approx(per[0], abs=1e-5)
+    feats = {f"{i}.png": ref[i] for i in range(3)}
+    assert reference_features(feats, k=2, seed=0).shape == (2, 4, vlm.backbone.embed_dim)
+    assert torch.equal(reference_features(feats, k=2, seed=0), reference_features(feats, k=2, seed=0))
+    assert reference_features(feats, k=10).shape[0] == 3

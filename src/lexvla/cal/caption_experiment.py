@@ -44,8 +44,9 @@ from lexvla.cal.captions import (
     select_concepts,
     write_fixture_concepts,
 )
-from lexvla.cal.data import compute_features, format_target
+from lexvla.cal.data import compute_features
 from lexvla.cal.finder import NORMALISATIONS, SIGNALS, FinderConfig, roc_auc, roc_curve
+from lexvla.cal.inspect import reference_features, target_logprobs
 from lexvla.cal.loss import CALConfig
 from lexvla.cal.vlm import SmallVLM, VLMConfig
 
@@ -65,6 +66,8 @@ class CaptionExperimentConfig:
     val_views: of the ``test_views`` held-out views per concept, the first ones form the validation split
         (picks the finder variant), the others the test split (reports it).
     heldout_noise: share of injected captions in each split of the finder's held-out set.
+    reference_images: seeded sample of training views whose marginal is the prefix-only prediction of the
+        finder signal ``pmi_marginal`` (:func:`lexvla.cal.inspect.marginal_logprobs`).
     bf16: CPU autocast to bfloat16 (weights stay float32). Off: measured here it is 2.2x faster but does not
         train (10 steps, lr 1e-3, 8 captions: loss 8.09 -> 7.97, float32 8.10 -> 4.42).
     lr: 1e-3; 3e-3 diverges with LoRA on the full 30-layer LM (loss 8.1 -> 4.6 -> 10.8 within 7 steps).
@@ -92,6 +95,7 @@ class CaptionExperimentConfig:
     cal: CALConfig = field(default_factory=CALConfig)
     finder: FinderConfig = field(default_factory=FinderConfig)
     heldout_noise: float = 0.5
+    reference_images: int = 16
     bf16: bool = False
     threads: int = 1
 
@@ -106,7 +110,7 @@ class CaptionExperimentConfig:
             raise ValueError(f"noise_rates must be in [0, 1), got {self.noise_rates}")
         if not self.seeds:
             raise ValueError("seeds must not be empty")
-        for name in ("n_concepts", "train_views", "test_views", "steps", "batch_size", "threads"):
+        for name in ("n_concepts", "train_views", "test_views", "steps", "batch_size", "threads", "reference_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"CaptionExperimentConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.val_views < self.test_views:
@@ -133,30 +137,6 @@ def load_concepts(spec: str, folder: Path) -> list[Concept]:
 
 
 # ------------------------------------------------------------------------------------------ scoring
-@torch.no_grad()
-def target_logprobs(model: SmallVLM, features: torch.Tensor, texts: Sequence[str], prompt: str,
-                    with_image: bool = True) -> list[list[float]]:
-    """Per text, log p of each target token (EOS excluded) after ``prompt``, with or without the image."""
-    from lexvla.cal.loss import CALLoss, ground_truth_logits
-
-    model.eval()
-    tokens = model.tokenize([prompt] * len(texts), [format_target(t) for t in texts])
-    inputs = model.multimodal_inputs(tokens, features)
-    keep = inputs.label_span()
-    if with_image:
-        logits = model.logits(inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids, keep)
-    else:
-        logits = CALLoss(CALConfig()).without_image_logits(model.logits, inputs, keep)
-    labels = inputs.labels[:, -keep:]
-    lp = ground_truth_logits(logits.float().log_softmax(-1), labels).cpu()
-    eos = model.tokenizer.eos_token_id
-    out = []
-    for i in range(len(texts)):
-        ids = labels[i, 1:].tolist()
-        out.append([float(lp[i, j]) for j, t in enumerate(ids) if t not in (-100, eos)])
-    return out
-
-
 def retrieval(model: SmallVLM, images: Sequence[str], truth: Sequence[str], names: Sequence[str],
               features: dict[str, torch.Tensor], prompt: str, batch_size: int = 64) -> dict[str, float]:
     """Image -> name retrieval by caption likelihood of ``" name:"`` (the colon ends the name, so "cat"
@@ -195,7 +175,8 @@ def finder_variants() -> list[str]:
 
 
 def finder_eval(model: SmallVLM, heldout: Sequence[CaptionExample], features: dict[str, torch.Tensor],
-                config: FinderConfig, split: Sequence[str] | None = None) -> dict[str, Any]:
+                config: FinderConfig, split: Sequence[str] | None = None,
+                reference: torch.Tensor | None = None) -> dict[str, Any]:
     """On ``heldout`` (each caption in split "val" or "test"; default all "test"): per-token signals of
     clean vs injected content words (test split), and per split the ROC AUC for injected captions and
     injected words of every finder variant (signal x normalisation) and of the baselines: the caption CE
@@ -208,9 +189,9 @@ def finder_eval(model: SmallVLM, heldout: Sequence[CaptionExample], features: di
     split = ["test"] * len(heldout) if split is None else list(split)
     if len(split) != len(heldout) or set(split) - set(SPLITS):
         raise ValueError(f"split must give one of {SPLITS} per held-out caption")
-    rows = score_pairs(model, [c.image for c in heldout], [c.text for c in heldout], features)
-    tok_vals: dict[str, dict[str, list[float]]] = {k: {"clean": [], "injected": [], "function": []}
-                                                   for k in ("logit_diff", "pmi")}
+    rows = score_pairs(model, [c.image for c in heldout], [c.text for c in heldout], features, reference=reference)
+    signals = [sig for sig in SIGNALS if sig != "pmi_marginal" or reference is not None]
+    tok_vals: dict[str, dict[str, list[float]]] = {k: {"clean": [], "injected": [], "function": []} for k in signals}
     # per split: name -> caption scores / (word scores, word labels)
     cap_scores = {s: {} for s in SPLITS}
     word_scores: dict[str, dict[str, tuple[list[float], list[bool]]]] = {s: {} for s in SPLITS}
@@ -223,17 +204,17 @@ def finder_eval(model: SmallVLM, heldout: Sequence[CaptionExample], features: di
         if ids != row.token_ids:
             raise ValueError(f"caption {cap.text!r}: offset tokenisation differs from the scored tokens")
         if part == "test":
-            for key, vals in (("logit_diff", row.logit_diff), ("pmi", row.pmi)):
-                for v, w in zip(vals, token_word, strict=True):
+            for key in signals:
+                for v, w in zip(row.signal(key), token_word, strict=True):
                     kind = "function" if w is None or not words[w].content else ("injected" if words[w].injected else "clean")
                     tok_vals[key][kind].append(v)
         labels[part].append(cap.noisy)
         nll = [-v for v in row.logprob]
         content = [w.content for w in words]
         main = None
-        for sig in SIGNALS:
+        for sig in signals:
             for norm in NORMALISATIONS:
-                sc = score_caption(row.pmi if sig == "pmi" else row.logit_diff, token_word, content, nll, norm)
+                sc = score_caption(row.signal(sig), token_word, content, nll, norm)
                 name = f"{sig}/{norm}"
                 main = sc if name == main_name else main
                 cap_scores[part].setdefault(name, []).append(-sc.score)
@@ -241,8 +222,9 @@ def finder_eval(model: SmallVLM, heldout: Sequence[CaptionExample], features: di
                 for k, v in sc.word_scores.items():
                     ws.append(-v)
                     wl.append(words[k].injected)
+        ce = sum(nll) / len(nll)
         ce_text = sum(-v for v in row.logprob_text) / len(row.logprob_text)
-        for name, value in (("ce", main.ce), ("ce_text", ce_text), ("min_raw_diff", -min(row.logit_diff))):
+        for name, value in (("ce", ce), ("ce_text", ce_text), ("min_raw_diff", -min(row.logit_diff))):
             cap_scores[part].setdefault(name, []).append(value)
         # word-level baselines: a content word's NLL (its tokens summed), with and without the image
         for name, lps in (("ce", row.logprob), ("ce_text", row.logprob_text)):
@@ -255,8 +237,8 @@ def finder_eval(model: SmallVLM, heldout: Sequence[CaptionExample], features: di
                 ws.append(v)
                 wl.append(words[k].injected)
         per_caption.append({"image": cap.image, "caption": cap.text, "noisy": cap.noisy, "split": part,
-                            "score": main.score, "ce": main.ce, "ce_text": ce_text,
-                            "worst_word": None if main.worst_word is None else words[main.worst_word].text,
+                            "score": None if main is None else main.score, "ce": ce, "ce_text": ce_text,
+                            "worst_word": None if main is None or main.worst_word is None else words[main.worst_word].text,
                             "min_raw_diff": min(row.logit_diff)})
     mean = {k: {kind: (sum(v) / len(v) if v else float("nan")) for kind, v in d.items()} for k, d in tok_vals.items()}
 
@@ -281,9 +263,9 @@ def finder_eval(model: SmallVLM, heldout: Sequence[CaptionExample], features: di
 def select_finder(runs: Sequence[dict[str, Any]]) -> str:
     """The finder variant with the highest mean validation caption AUC over ``runs`` (never the test
     split); without validation numbers, the runs' configured variant."""
-    names = finder_variants()
     if not runs or not runs[0].get("caption_auc_val"):
         return runs[0]["finder"] if runs else f"{FinderConfig().signal}/{FinderConfig().normalise}"
+    names = [n for n in finder_variants() if all(n in r["caption_auc_val"] for r in runs)]
     return max(names, key=lambda n: sum(r["caption_auc_val"][n] for r in runs) / len(runs))
 
 
@@ -362,6 +344,7 @@ def run_caption_experiment(config: CaptionExperimentConfig, output_dir: str | Pa
         features = compute_features(backbone, [c.image for c in train + test], cache=out / "features")
         features = {k: v.float() for k, v in features.items()}  # CPU autocast cannot stack float16 tensors
         names = [c.name for c in concepts]
+        reference = reference_features({c.image: features[c.image] for c in train}, config.reference_images, seed)
         retrieval_images = [p for n in names for p in test_views[n]]
         retrieval_truth = [n for n in names for _ in test_views[n]]
         results["seeds"][str(seed)] = {"concepts": names, "train_captions": len(train), "heldout_captions": len(heldout),
@@ -385,7 +368,7 @@ def run_caption_experiment(config: CaptionExperimentConfig, output_dir: str | Pa
                     res = train_stage(model, examples, features, tc, run_dir)
                     t1 = time.time()
                     ret = retrieval(model, retrieval_images, retrieval_truth, names, features, vlm_cfg.caption_prompt)
-                    fnd = finder_eval(model, heldout, features, config.finder, split)
+                    fnd = finder_eval(model, heldout, features, config.finder, split, reference)
                 eval_seconds = time.time() - t1
                 (run_dir / "heldout_scores.json").write_text(json.dumps(fnd["captions"], indent=1))
                 fnd.pop("captions")
@@ -465,13 +448,16 @@ def write_caption_report(results: dict[str, Any], out: Path) -> None:
         cols = [fmt(cells(rate, cal, lambda r, k=k: r["retrieval"][k]))
                 for k in ("likelihood_top1", "likelihood_mrr", "pmi_top1") for cal in (False, True)]
         lines.append(f"| {rate:.0%} | " + " | ".join(cols) + " |")
-    lines += ["", "Per-token signals on the held-out captions (content tokens; mean over tokens, then seeds):", "",
-              "| caption noise | model | raw diff clean | raw diff injected | raw diff function | PMI clean | PMI injected | PMI function |",
-              "|---|---|---|---|---|---|---|---|"]
+    sigs = [k for k in ("logit_diff", "pmi", "pmi_marginal") if runs and k in runs[0]["token_means"]]
+    label = {"logit_diff": "raw diff", "pmi": "PMI", "pmi_marginal": "PMI-marginal"}
+    lines += ["", "Per-token signals on the test captions (content tokens; mean over tokens, then seeds):", "",
+              "| caption noise | model | " + " | ".join(f"{label[k]} {kind}" for k in sigs
+                                                         for kind in ("clean", "injected", "function")) + " |",
+              "|---|---|" + "---|" * (3 * len(sigs))]
     for rate in rates:
         for cal in (False, True):
             vals = [fmt(cells(rate, cal, lambda r, s=s, k=k: r["token_means"][s][k]))
-                    for s in ("logit_diff", "pmi") for k in ("clean", "injected", "function")]
+                    for s in sigs for k in ("clean", "injected", "function")]
             lines.append(f"| {rate:.0%} | {'CAL' if cal else 'plain'} | " + " | ".join(vals) + " |")
     finder = select_finder(runs)
     lines += ["", f"Noisy-caption detection on the test split of the held-out set, ROC AUC (finder = {finder}, "

@@ -73,9 +73,15 @@ def register(subparsers) -> None:
     i.add_argument("--manifest", help="batch mode: JSONL of {image, caption[, noisy]}; ranks captions by their most "
                                       "contradicted content word (with 'noisy' labels: ROC AUC)")
     i.add_argument("--top", type=int, default=20, help="batch mode: how many captions to show")
-    i.add_argument("--signal", default="pmi", choices=("pmi", "logit_diff", "raw"),
-                   help="finder signal (pmi: log-prob gain from the image; logit_diff: CAL's raw difference, "
-                        "normalised); raw: CAL's unnormalised raw difference on every token (single mode)")
+    i.add_argument("--signal", default="pmi", choices=("pmi", "pmi_marginal", "logit_diff", "raw"),
+                   help="finder signal (pmi: log-prob gain from the image over CAL's 'without image' forward; "
+                        "pmi_marginal: gain over the marginal of reference images; logit_diff: CAL's raw "
+                        "difference, normalised); raw: CAL's unnormalised raw difference on every token (single mode)")
+    i.add_argument("--reference", action="append", default=[],
+                   help="pmi_marginal: reference image files, or one JSONL manifest whose images are used "
+                        "(batch mode default: the manifest's own images)")
+    i.add_argument("--reference-images", type=int, default=16,
+                   help="pmi_marginal: seeded sample of this many reference images")
     i.add_argument("--normalise", default="function", choices=("function", "median", "none"),
                    help="per-caption normalisation of the finder signal")
     i.add_argument("--out", dest="output", required=True, help="output prefix: PREFIX.html, PREFIX.png (batch: PREFIX.jsonl)")
@@ -179,6 +185,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         FINDER_LEGEND,
         RAW_LEGEND,
         find_noisy,
+        marginal_logprobs,
         rank_captions,
         render_html,
         render_png,
@@ -200,7 +207,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         rows = [json.loads(line) for line in Path(args.manifest).read_text().splitlines() if line.strip()]
         labels = [r.get("noisy") for r in rows if "caption" in r]
         feats = compute_features(model.backbone, [r.image for r in records])
-        ranked = rank_captions(model, [r.image for r in records], [r.target for r in records], feats, config=finder)
+        reference = _reference(args, model, feats) if finder.signal == "pmi_marginal" else None
+        ranked = rank_captions(model, [r.image for r in records], [r.target for r in records], feats, config=finder,
+                               reference=reference)
         with prefix.with_suffix(".jsonl").open("w") as f:
             for idx, row, sc in ranked:
                 worst = None if sc.worst_word is None else find_words(row.text)[sc.worst_word]
@@ -232,6 +241,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     image = load_image(args.image)
     feats = model.image_features(model.preprocess([image]))
     rows = token_correlations(model, feats, [t.strip() for t in args.text], question=args.question)
+    if finder.signal == "pmi_marginal" and args.signal != "raw" and not args.question:
+        if not args.reference:
+            raise ValueError("--signal pmi_marginal in single mode needs --reference (images or a manifest)")
+        marginal = marginal_logprobs(model, _reference(args, model, None), args.text)
+        for row in rows:
+            row.logprob_marginal = marginal[row.text.strip()]
     title = f"{Path(args.image).name}" + (f" | Q: {args.question}" if args.question else "")
     if args.signal == "raw" or args.question:
         values, legend, label = [r.logit_diff for r in rows], RAW_LEGEND, "logit diff"
@@ -244,6 +259,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         _say("  ".join(f"{t.strip()}:{'.' if v is None else f'{v:+.2f}'}" for t, v in zip(row.tokens, vals, strict=True)))
     _say(f"wrote {prefix.with_suffix('.html')} and {prefix.with_suffix('.png')}")
     return 0
+
+
+def _reference(args: argparse.Namespace, model, features):
+    """Reference features for signal pmi_marginal: --reference images or manifest, else ``features``
+    (batch mode: the manifest's images); a seeded sample of --reference-images."""
+    from lexvla.cal.data import compute_features, read_manifest
+    from lexvla.cal.inspect import reference_features
+
+    if args.reference:
+        if len(args.reference) == 1 and args.reference[0].endswith(".jsonl"):
+            paths = sorted({r.image for r in read_manifest(args.reference[0])})
+        else:
+            paths = list(args.reference)
+        missing = [p for p in paths if not Path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(f"reference image not found: {missing[0]}")
+        features = compute_features(model.backbone, paths)
+    return reference_features(features, args.reference_images)
 
 
 def find_words(text: str) -> list[str]:

@@ -6,9 +6,13 @@ so ranking captions by their smallest raw difference surfaces function words, ne
 finder scores a token instead by how much the image changes its probability *relative to what the
 language model alone expects*, and only content tokens:
 
-* signal ``"pmi"``: ``log p(y_t | image, prefix) - log p(y_t | prefix)`` (pointwise mutual information of
-  token and image; the log-softmax removes the per-position offset that raw logits carry), or
-  ``"logit_diff"``: CAL's raw difference;
+* signal ``"pmi"``: ``log p(y_t | image, prefix) - log p(y_t | prefix)`` with the prefix-only prediction
+  from CAL's "without image" forward (the log-softmax removes the per-position offset that raw logits
+  carry); ``"pmi_marginal"``: the same with the prefix-only prediction taken as the VLM's marginal over a
+  set of reference images, ``log mean_k p(y_<=t | image_k) - log mean_k p(y_<t | image_k)`` (what the
+  model expects of the text when it knows the kind of image but not this one: the "without image"
+  forward is out of distribution for a VLM that never saw a caption without its image, and its prior
+  over names is the base LM's, not the captions'); or ``"logit_diff"``: CAL's raw difference;
 * normalisation per caption: ``"function"`` subtracts the mean over the caption's non-content tokens
   (separators, function words: what the image should not change), ``"median"`` subtracts the median over
   its content tokens, ``"none"`` keeps the value;
@@ -25,7 +29,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-SIGNALS = ("pmi", "logit_diff")
+SIGNALS = ("pmi", "pmi_marginal", "logit_diff")
 NORMALISATIONS = ("function", "median", "none")
 
 

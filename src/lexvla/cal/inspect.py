@@ -34,11 +34,29 @@ class TokenCorrelation:
     token_ids: list[int] = field(default_factory=list)
     logprob: list[float] = field(default_factory=list)  # log p(token | image, prefix)
     logprob_text: list[float] = field(default_factory=list)  # log p(token | prefix), image removed
+    logprob_marginal: list[float] | None = None  # log p(token | prefix), marginal over reference images
 
     @property
     def pmi(self) -> list[float]:
         """Per token, how much the image raises its log-probability over the text-only prediction."""
         return [a - b for a, b in zip(self.logprob, self.logprob_text, strict=True)]
+
+    @property
+    def pmi_marginal(self) -> list[float]:
+        """Per token, how much the image raises its log-probability over the reference images' marginal."""
+        if self.logprob_marginal is None:
+            raise ValueError(f"caption {self.text!r} was scored without reference images (signal pmi_marginal)")
+        return [a - b for a, b in zip(self.logprob, self.logprob_marginal, strict=True)]
+
+    def signal(self, name: str) -> list[float]:
+        """The per-token values of a finder signal (:data:`lexvla.cal.finder.SIGNALS`)."""
+        if name == "logit_diff":
+            return self.logit_diff
+        if name == "pmi":
+            return self.pmi
+        if name == "pmi_marginal":
+            return self.pmi_marginal
+        raise ValueError(f"unknown finder signal {name!r}")
 
     @property
     def min_diff(self) -> float:
@@ -210,27 +228,92 @@ def find_noisy(row: TokenCorrelation, tokenizer, words: Sequence[Word] | None = 
     ids, token_word = token_words(tokenizer, row.text.strip(), words)
     if ids != row.token_ids:
         raise ValueError(f"caption {row.text!r}: its tokens with offsets differ from the scored tokens")
-    signal = row.pmi if config.signal == "pmi" else row.logit_diff
-    return score_caption(signal, token_word, [w.content for w in words], [-v for v in row.logprob],
+    return score_caption(row.signal(config.signal), token_word, [w.content for w in words], [-v for v in row.logprob],
                          config.normalise)
 
 
 @torch.no_grad()
+def target_logprobs(model: SmallVLM, features: torch.Tensor, texts: Sequence[str], prompt: str | None = None,
+                    with_image: bool = True) -> list[list[float]]:
+    """Per text, log p of each target token (EOS excluded) after ``prompt`` (default: the caption prompt),
+    with the image of the matching ``features`` row, or with the image removed (CAL's condition)."""
+    model.eval()
+    prompt = model.config.caption_prompt if prompt is None else prompt
+    tokens = model.tokenize([prompt] * len(texts), [format_target(t) for t in texts])
+    inputs = model.multimodal_inputs(tokens, features)
+    keep = inputs.label_span()
+    if with_image:
+        logits = model.logits(inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids, keep)
+    else:
+        logits = CALLoss(CALConfig()).without_image_logits(model.logits, inputs, keep)
+    labels = inputs.labels[:, -keep:]
+    lp = ground_truth_logits(logits.float().log_softmax(-1), labels).cpu()
+    eos = model.tokenizer.eos_token_id
+    out = []
+    for i in range(len(texts)):
+        ids = labels[i, 1:].tolist()
+        out.append([float(lp[i, j]) for j, t in enumerate(ids) if t not in (-100, eos)])
+    return out
+
+
+@torch.no_grad()
+def marginal_logprobs(model: SmallVLM, reference: torch.Tensor, texts: Sequence[str],
+                      batch_size: int = 32) -> dict[str, list[float]]:
+    """Per unique text, each token's log-probability under the marginal over the ``reference`` images
+    (K, P, C): ``log mean_k p(y_<=t | image_k) - log mean_k p(y_<t | image_k)``, so the prefix shifts the
+    belief over which image it is (a model that knows the kind of image but not which)."""
+    if reference.dim() != 3 or reference.shape[0] < 1:
+        raise ValueError(f"reference features must be (K, P, C) with K >= 1, got {tuple(reference.shape)}")
+    k = reference.shape[0]
+    out: dict[str, list[float]] = {}
+    for text in dict.fromkeys(t.strip() for t in texts):
+        per_ref: list[list[float]] = []
+        for i in range(0, k, batch_size):
+            ref = reference[i:i + batch_size].float()
+            per_ref += target_logprobs(model, ref, [text] * ref.shape[0])
+        cum = torch.tensor(per_ref).cumsum(1)  # (K, T): log p(y_<=t | image_k)
+        log_k = torch.log(torch.tensor(float(k)))
+        joint = torch.logsumexp(cum, 0) - log_k  # log mean_k p(y_<=t | image_k)
+        prev = torch.cat([torch.zeros(1), joint[:-1]])
+        out[text] = (joint - prev).tolist()
+    return out
+
+
+@torch.no_grad()
 def score_pairs(model: SmallVLM, images: Sequence[str], captions: Sequence[str], features: dict[str, torch.Tensor],
-                batch_size: int = 32) -> list[TokenCorrelation]:
-    """:func:`token_correlations` of every (image, caption) pair, in order, batched."""
+                batch_size: int = 32, reference: torch.Tensor | None = None) -> list[TokenCorrelation]:
+    """:func:`token_correlations` of every (image, caption) pair, in order, batched; with ``reference``
+    features (K, P, C) also each token's marginal over those images (signal ``pmi_marginal``)."""
     rows: list[TokenCorrelation] = []
     for i in range(0, len(captions), batch_size):
         feats = torch.stack([features[p] for p in images[i:i + batch_size]]).float()
         rows += token_correlations(model, feats, [c.strip() for c in captions[i:i + batch_size]])
+    if reference is not None:
+        marginal = marginal_logprobs(model, reference, captions, batch_size)
+        for row in rows:
+            row.logprob_marginal = marginal[row.text.strip()]
+            if len(row.logprob_marginal) != len(row.logprob):
+                raise ValueError(f"caption {row.text!r}: marginal and scored token counts differ")
     return rows
 
 
+def reference_features(features: dict[str, torch.Tensor], k: int = 16, seed: int = 0) -> torch.Tensor:
+    """A seeded sample of ``k`` distinct images' features (all if fewer), stacked (K, P, C): the
+    reference images of signal ``pmi_marginal``."""
+    import random
+
+    keys = sorted(features)
+    if not keys:
+        raise ValueError("no features to draw reference images from")
+    pick = random.Random(seed).sample(keys, min(k, len(keys)))
+    return torch.stack([features[p] for p in pick]).float()
+
+
 def rank_captions(model: SmallVLM, images: Sequence[str], captions: Sequence[str], features: dict[str, torch.Tensor],
-                  batch_size: int = 32, config: FinderConfig | None = None,
+                  batch_size: int = 32, config: FinderConfig | None = None, reference: torch.Tensor | None = None,
                   ) -> list[tuple[int, TokenCorrelation, ScoredCaption]]:
     """(index, correlation, finder score) of every (image, caption) pair, most contradicted content word
-    first: candidates for noisy captions."""
-    rows = score_pairs(model, images, captions, features, batch_size)
+    first: candidates for noisy captions. Signal ``pmi_marginal`` needs ``reference`` features."""
+    rows = score_pairs(model, images, captions, features, batch_size, reference)
     scored = [(i, row, find_noisy(row, model.tokenizer, config=config)) for i, row in enumerate(rows)]
     return sorted(scored, key=lambda item: (item[2].score if item[2].worst_word is not None else float("inf")))
