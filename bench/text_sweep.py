@@ -46,12 +46,20 @@ RUNS: dict[str, dict[str, Any]] = {
 K64 = {"max_words": 64}
 PRIOR = {"prior": ""}
 STOP = {"function_words": True}  # fragment_ratio 20 was tried by hand: it also drops "ant", "ale", "abs"
-for _w in (1e-2, 1e-1, 3e-1, 1.0, 3.0):
+for _w in (1e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0, 30.0, 100.0):
     RUNS[f"k64-ov{_w:g}"] = {"mapper": K64, "loss": {"image_weight": _w, "text_weight": _w}}
     RUNS[f"k64-prior-ov{_w:g}"] = {"mapper": K64, "text": PRIOR, "loss": {"image_weight": _w, "text_weight": _w}}
     RUNS[f"k64-prior-flops{_w:g}"] = {"mapper": K64, "text": PRIOR,
                                       "loss": {"regulariser": "flops", "image_weight": _w, "text_weight": _w}}
 RUNS["k64-prior"] = {"mapper": K64, "text": PRIOR}
+PMEAN = {"prior_mean": True}
+RUNS["k64-pmean"] = {"mapper": K64, "text": PMEAN}
+RUNS["k64-pmean-flops0.1"] = {"mapper": K64, "text": PMEAN, "loss": {"regulariser": "flops", "image_weight": 0.1,
+                                                                     "text_weight": 0.1}}
+RUNS["k64-pmean-ov10"] = {"mapper": K64, "text": PMEAN, "loss": {"image_weight": 10.0, "text_weight": 10.0}}
+RUNS["k64-pmean-stop"] = {"mapper": K64, "text": PMEAN, "vocab": STOP}
+RUNS["k64-pmean-120"] = {"mapper": K64, "text": PMEAN, "steps": 120}
+RUNS["k64-pmean-lora2e-3"] = {"mapper": K64, "text": PMEAN, "lr_lora": 2e-3}
 RUNS["k64-stop"] = {"mapper": K64, "vocab": STOP}
 RUNS["k64-prior-stop"] = {"mapper": K64, "text": PRIOR, "vocab": STOP}
 for _base in ("k64-prior", "k64-prior-stop"):
@@ -72,9 +80,11 @@ def _model(spec: dict[str, Any], base: str, cache: dict[str, Any]):
     lora = spec.get("lora", {})
     lora = None if lora is None else {**LORA, **lora}
     vocab = spec.get("vocab", {})
-    key = json.dumps([lora, bool(spec.get("dense")), vocab], sort_keys=True)
+    prior_mean = bool(spec.get("text", {}).get("prior_mean"))  # a buffer of the model: its own model
+    key = json.dumps([lora, bool(spec.get("dense")), vocab, prior_mean], sort_keys=True)
     if key not in cache:
-        overrides = {"text.lora": lora, **{f"vocab.{k}": v for k, v in vocab.items()}}
+        overrides = {"text.lora": lora, "text.prior": None, "text.prior_mean": prior_mean,
+                     **{f"vocab.{k}": v for k, v in vocab.items()}}
         model = (DenseBaseline(get_config(base).replace(**overrides)) if spec.get("dense")
                  else create_model(base, trained=False, **overrides))
         shared = next((m for m in cache.values() if isinstance(m, torch.nn.Module)

@@ -96,3 +96,38 @@ def test_overuse_gradient_is_largest_on_the_shared_word():
     # the value: a = mean over rows; sum(a^3) / sum(a)
     a = v.detach().mean(0)
     torch.testing.assert_close(loss.detach(), (a ** 3).sum() / a.sum())
+
+
+def test_running_prior_mean_trains_saves_and_loads(tmp_path):
+    """text.prior_mean: a training step sets the running mean (first batch: its mean; then momentum 0.1),
+    inference subtracts it, and it travels with the trained weights."""
+    from lexvla.models.text import PRIOR_MOMENTUM
+
+    m = lexvla.create_model("lexvla-tiny", **{"text.prior_mean": True})
+    assert float(m.text.prior_state.abs().sum()) == 0.0  # nothing seen yet: no prior
+    m.train()
+    with torch.no_grad():
+        first = m.text.hidden(CAPTIONS).mean(0)
+    m.text.scores(CAPTIONS)
+    torch.testing.assert_close(m.text.prior_state, first)
+    with torch.no_grad():
+        second = m.text.hidden(CAPTIONS[:2]).mean(0)
+    m.text.scores(CAPTIONS[:2])
+    torch.testing.assert_close(m.text.prior_state, first + PRIOR_MOMENTUM * (second - first))
+    m.eval()
+    with torch.no_grad():  # inference: the running mean, not the batch's
+        want = (m.text.hidden(CAPTIONS[:1]) - m.text.prior_state) @ m.text.codebook.T
+        torch.testing.assert_close(m.text.scores(CAPTIONS[:1]), want)
+        before = m.encode_text(CAPTIONS).vectors
+    m.save_pretrained(tmp_path / "m")
+    back = lexvla.load(tmp_path / "m")
+    torch.testing.assert_close(back.text.prior_state, m.text.prior_state)
+    with torch.no_grad():
+        torch.testing.assert_close(back.encode_text(CAPTIONS).vectors, before)
+
+
+def test_prior_and_prior_mean_exclude_each_other():
+    from lexvla.config import TextConfig
+
+    with pytest.raises(ValueError, match="exclude each other"):
+        TextConfig(prior="", prior_mean=True)

@@ -147,9 +147,15 @@ class TextConfig:
     # information up to a per-vector constant, which the mapper's centering removes). Words the prompt
     # alone predicts ("it", "the", "something") stop firing for every caption. None = off (the paper).
     prior: str | None = None
+    # Data-driven prior (ours): the running mean of the training captions' last-token states (momentum
+    # 0.1 per step, as BatchNorm's statistics; saved with the trained weights) is subtracted instead, so
+    # what every training caption shares (a template such as "an emoji of") stops scoring too.
+    prior_mean: bool = False
 
     def __post_init__(self) -> None:
         check_prompt(self.prompt)
+        if self.prior_mean and self.prior is not None:
+            raise ValueError("text.prior and text.prior_mean exclude each other: set one")
         if self.prior is not None and (not isinstance(self.prior, str) or len(self.prior) > MAX_TEXT_LENGTH):
             raise ValueError(f"text.prior must be a caption string (\"\" = empty) or None, got {self.prior!r}")
         _check_int("text.max_length", self.max_length, 1, MAX_TEXT_LENGTH)

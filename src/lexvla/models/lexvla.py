@@ -183,7 +183,13 @@ class LexVLA(nn.Module):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what training changes: adapter, visual codebook, LoRA, temperature."""
         # clone: a snapshot must not change as training goes on (on CPU .cpu() shares storage)
-        return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
+        return {n: t.detach().cpu().clone() for n, t in self._trained_tensors().items()}
+
+    def _trained_tensors(self) -> dict[str, torch.Tensor]:
+        """Trained parameters, plus statistics training keeps (the text side's running prior mean)."""
+        out: dict[str, torch.Tensor] = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        out.update({n: b for n, b in self.named_buffers() if n.endswith("prior_state")})
+        return out
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
@@ -212,12 +218,12 @@ class LexVLA(nn.Module):
         """Subclasses (the dense baseline) add their own files to a checkpoint here."""
 
     def load_trained(self, state: dict[str, torch.Tensor]) -> None:
-        expected = {n for n, p in self.named_parameters() if p.requires_grad}
+        expected = set(self._trained_tensors())
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
             raise ValueError(f"checkpoint does not fit the model: missing={sorted(missing)[:5]} "
                              f"unexpected={sorted(unexpected)[:5]}")
-        params = dict(self.named_parameters())
+        params = self._trained_tensors()
         with torch.no_grad():
             for name, value in state.items():
                 if params[name].shape != value.shape:

