@@ -42,6 +42,12 @@ def _serve(args: argparse.Namespace) -> int:
         # One intra-op thread per model call by default: on a shared machine more threads than free cores
         # make every encode wait for the slowest (docs/web.md measures it); requests run side by side instead.
         torch.set_num_threads(args.torch_threads)
+    if args.switch_interval_ms:
+        import sys
+
+        # Encoder threads hand the GIL back and forth once per torch op (~1,200 per query encode); a
+        # shorter switch interval lets a thread that finished an op continue sooner (docs/web.md).
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
     index = SparseIndex.open(args.index, backend=args.backend)
     spec = model_spec(args.model, index)
     model = spec.build()
@@ -77,6 +83,8 @@ def register(subparsers) -> None:
     p.add_argument("--query-cache", type=int, default=512, help="query vectors kept (0: no cache)")
     p.add_argument("--encoders", type=int, default=0,
                    help="query encoder threads (0: one per core / torch thread, at most 4)")
+    p.add_argument("--switch-interval-ms", type=float, default=0.0,
+                   help="Python's GIL switch interval for the server's threads (0: Python's default, 5 ms)")
     p.add_argument("--plain-encode", action="store_true",
                    help="encode queries with the training code path (no merged LoRA, no cached prompt prefix)")
     p.set_defaults(func=_serve)
