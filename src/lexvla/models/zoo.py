@@ -205,10 +205,11 @@ def embedded_lora() -> LoraSettings:
 
 
 def embedded_text() -> TextConfig:
-    """SmolLM2 with LoRA on the top 2 layers and the empty caption's prediction subtracted (``text.prior``):
-    measured on held-out emoji, it stops "it", "the", "something" firing for every caption."""
+    """SmolLM2 with LoRA on the top 2 layers and the training captions' running mean state subtracted
+    (``text.prior_mean``): measured on held-out emoji (docs/training.md, "The sweep"), it stops "it",
+    "the", "something" (and the caption template's own words) firing for every caption."""
     return TextConfig(source="embedded:smollm2", arch=dict(LLM_ARCHS["smollm2-135m"]), lora=embedded_lora(),
-                      prior="")
+                      prior_mean=True)
 
 
 def embedded_mapper() -> MapperConfig:
