@@ -340,6 +340,10 @@ def run_caption_experiment(config: CaptionExperimentConfig, output_dir: str | Pa
                 f.write(json.dumps({"image": image, "caption": c.text, "noisy": c.noisy, "concept": c.concept,
                                     "split": part, "source": c.source,
                                     "injected_words": [w.text for w in c.words() if w.injected and w.content]}) + "\n")
+        with (seed_dir / "train.jsonl").open("w") as f:  # the clean training captions (inspect --reference)
+            for c in train:
+                image = os.path.relpath(Path(c.image).resolve(), seed_dir.resolve())
+                f.write(json.dumps({"image": image, "caption": c.text, "concept": c.concept}) + "\n")
         t0 = time.time()
         features = compute_features(backbone, [c.image for c in train + test], cache=out / "features")
         features = {k: v.float() for k, v in features.items()}  # CPU autocast cannot stack float16 tensors

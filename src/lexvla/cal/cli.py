@@ -73,17 +73,19 @@ def register(subparsers) -> None:
     i.add_argument("--manifest", help="batch mode: JSONL of {image, caption[, noisy]}; ranks captions by their most "
                                       "contradicted content word (with 'noisy' labels: ROC AUC)")
     i.add_argument("--top", type=int, default=20, help="batch mode: how many captions to show")
-    i.add_argument("--signal", default="pmi", choices=("pmi", "pmi_marginal", "logit_diff", "raw"),
-                   help="finder signal (pmi: log-prob gain from the image over CAL's 'without image' forward; "
+    i.add_argument("--signal", default="auto", choices=("auto", "pmi", "pmi_marginal", "logit_diff", "raw"),
+                   help="finder signal (auto: pmi_marginal where reference images exist (batch mode, or "
+                        "--reference), else pmi; pmi: log-prob gain from the image over CAL's 'without image' forward; "
                         "pmi_marginal: gain over the marginal of reference images; logit_diff: CAL's raw "
                         "difference, normalised); raw: CAL's unnormalised raw difference on every token (single mode)")
-    i.add_argument("--reference", action="append", default=[],
+    i.add_argument("--reference", nargs="+", action="extend", default=[],
                    help="pmi_marginal: reference image files, or one JSONL manifest whose images are used "
                         "(batch mode default: the manifest's own images)")
     i.add_argument("--reference-images", type=int, default=16,
                    help="pmi_marginal: seeded sample of this many reference images")
-    i.add_argument("--normalise", default="function", choices=("function", "median", "none"),
-                   help="per-caption normalisation of the finder signal")
+    i.add_argument("--normalise", default="none", choices=("function", "median", "none"),
+                   help="per-caption normalisation of the finder signal (none: picked on the caption experiment's "
+                        "validation split, docs/cal.md)")
     i.add_argument("--out", dest="output", required=True, help="output prefix: PREFIX.html, PREFIX.png (batch: PREFIX.jsonl)")
     i.set_defaults(func=cmd_inspect)
 
@@ -195,6 +197,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from lexvla.preprocess import load_image
 
     model = SmallVLM.from_pretrained(args.checkpoint)
+    if args.signal == "auto":
+        args.signal = "pmi_marginal" if args.manifest or args.reference else "pmi"
     finder = FinderConfig(signal=args.signal, normalise=args.normalise) if args.signal != "raw" else FinderConfig()
     prefix = Path(args.output)
     prefix.parent.mkdir(parents=True, exist_ok=True)
