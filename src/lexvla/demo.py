@@ -41,6 +41,10 @@ class DemoData:
     patchdis: tuple[str, str] | None
     prompt: str  # PatchDis class prompt
     balanced: bool = False  # easy-vqa: batches laid out by the source, read in order
+    # PatchDis encode size, the grid scaled to keep the trained patch stride (None: the model's own). The
+    # collages are 224 px with objects of 67-134 px: at 224 px an object lies on 4-8 patches of 16 px (a
+    # training emoji: 4x4 patches of 16 px) instead of 1-2 patches at 64 px.
+    patchdis_image_size: int | None = None
 
 
 PRESETS: dict[str, DemoData] = {
@@ -50,7 +54,7 @@ PRESETS: dict[str, DemoData] = {
         {"held-out concepts (Noto)": ("emoji-noto", "test"),
          "held-out subgroups (Noto)": ("emoji-noto", "subgroups-test"),
          "held-out concepts, unseen style (Fluent 3D)": ("emoji-fluent", "test")},
-        ("emoji-collages", "test"), "an emoji of {}."),
+        ("emoji-collages", "test"), "an emoji of {}.", patchdis_image_size=224),
     "easy-vqa": DemoData("easy-vqa-balanced", {"split": "train"}, {"easy-vqa test": ("easy-vqa", "test")},
                          ("easy-vqa", "test"), "a {}.", balanced=True),
 }
@@ -73,7 +77,7 @@ class DemoConfig:
     collages: int = 100  # PatchDis collages
     # Training collages of TRAIN-concept emoji added to the emoji pairs (lexvla.data.train_collages); 0 = none
     train_collages: int = 0
-    # PatchDis encode size (grid scaled to keep the trained patch stride); None = the model's own size
+    # PatchDis encode size (grid scaled to keep the trained patch stride); None = the preset's
     patchdis_image_size: int | None = None
     output_dir: str = "reports/demo"
     cache_dir: str | None = None  # root of the demo's caches (None = the project cache, $LEXVLA_CACHE)
@@ -333,6 +337,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         from .eval import load_segmentation_set
 
         seg = load_segmentation_set(name, SegDataConfig(split=split, limit=cfg.collages))
+        pd_size = cfg.patchdis_image_size or preset.patchdis_image_size
         # Both models by the same code and settings; two protocols: every test concept competes for every
         # patch (the paper's), and only the concepts present in the collage (keys with "_present").
         for kind, m in (("lexvla", lex), ("dense", dense)):
@@ -342,14 +347,14 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
                 first = kind == "lexvla" and classes == "all"
                 r = evaluate_patchdis(m, seg, PatchDisConfig(
                     prompt=preset.prompt, figures=2 if first else 0, progress=cfg.progress, classes=classes,
-                    image_size=cfg.patchdis_image_size, sparsification="threshold" if kind == "lexvla" else "none"),
+                    image_size=pd_size, sparsification="threshold" if kind == "lexvla" else "none"),
                     out_dir if first else None)
                 patchdis[kind + suffix] = r.miou
                 patchdis[f"{kind}{suffix}_localisation_auc"] = r.localisation_auc
                 if first:
                     patchdis["figures"] = r.figures  # type: ignore[assignment]
                     patchdis["grid"] = list(r.grid) if r.grid else None  # type: ignore[assignment]
-        patchdis["image_size"] = cfg.patchdis_image_size  # type: ignore[assignment]
+        patchdis["image_size"] = pd_size  # type: ignore[assignment]
     clock.lap("evaluate")
 
     say("[4/4] writing the report")
@@ -422,7 +427,7 @@ def register(subparsers) -> None:
     p.add_argument("--train-collages", type=int, default=d.train_collages,
                    help="emoji: add N training collages of training-concept emoji (default: %(default)s)")
     p.add_argument("--patchdis-image-size", type=int, default=d.patchdis_image_size,
-                   help="PatchDis encode size, grid scaled to keep the patch stride (default: %(default)s)")
+                   help="PatchDis encode size, grid scaled to keep the patch stride (default: the preset's, emoji 224)")
     p.add_argument("--out", default=d.output_dir, help="report folder (default: %(default)s)")
     p.add_argument("--retrain", action="store_true", help="train again even if trained models are cached")
     p.add_argument("--seed", type=int, default=d.seed)
