@@ -15,17 +15,22 @@ TEXTS = ["a red circle", "a blue square on a white table", '"quoted" words', "(a
          "a very long caption " * 12, "a red circle", ""]  # "": the prior itself (scores exactly 0)
 
 
-@pytest.fixture(scope="module", params=[None, ""], ids=["no-prior", "prior"])
+PRIORS = {"no-prior": {}, "prior": {"text.prior": ""}, "prior-mean": {"text.prior_mean": True}}
+
+
+@pytest.fixture(scope="module", params=list(PRIORS))
 def trained_tiny(request):
     """lexvla-tiny with non-zero LoRA weights (B starts at zero, which would make merging a no-op),
-    without and with the prior subtraction (``text.prior``: the empty caption's state)."""
-    overrides = {} if request.param is None else {"text.prior": request.param}
-    model = lexvla.create_model("lexvla-tiny", **overrides).eval()
+    without and with each prior subtraction (``text.prior``: the empty caption's state;
+    ``text.prior_mean``: a running mean of training captions' states, here a random one)."""
+    model = lexvla.create_model("lexvla-tiny", **PRIORS[request.param]).eval()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.text.llm.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        if request.param == "prior-mean":
+            model.text.prior_state.copy_(torch.randn(model.text.prior_state.shape, generator=gen))
     return model
 
 

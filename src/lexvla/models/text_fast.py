@@ -6,7 +6,8 @@ Exact rewrites of :meth:`TextLexicalEncoder.scores`, each measured in docs/web.m
   ``W + scale * B @ A`` merged into their linear layers (peft's own ``merge``), so a query runs plain
   ``nn.Linear`` layers; the frozen layers are shared with the model, not copied.
 - **The prior computed once.** With ``text.prior`` set, the plain path encodes the prior's caption
-  beside every batch and subtracts its state; at inference that state is a constant.
+  beside every batch and subtracts its state; at inference that state is a constant. (With
+  ``text.prior_mean`` the stored running mean is subtracted, as in the plain path.)
 - **The prompt's constant prefix computed once.** Every prompt starts with the same text (``This
   sentence: "``); the keys and values its tokens leave in every layer depend on nothing else (causal
   attention), so they are computed once and each query runs only its own tokens on top of them. A
@@ -105,8 +106,9 @@ class FastTextEncoder:
                     self._prefix_kv = self._prefix_states(torch.tensor([ids], device=self.device))
 
         # The plain path runs the prior's prompt beside every batch; its state depends on the weights only.
+        # (With text.prior_mean the training captions' running mean is subtracted instead: read per call.)
         self._prior: torch.Tensor | None = None
-        if getattr(text_encoder.cfg, "prior", None) is not None:
+        if not getattr(text_encoder.cfg, "prior_mean", False) and getattr(text_encoder.cfg, "prior", None) is not None:
             with torch.inference_mode():
                 self._prior = self.hidden([text_encoder.cfg.prior])
 
@@ -175,6 +177,8 @@ class FastTextEncoder:
         prior's scores when ``text.prior`` is set: its state, constant at inference, computed once)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         hidden = self.hidden(texts)
+        if getattr(self.text.cfg, "prior_mean", False):  # as TextLexicalEncoder.scores at inference
+            return (hidden - self.text.prior_state) @ self.codebook.T
         if self._prior is not None:
             # the prior's own caption scores exactly zero, as in the plain path (one shared row there)
             same = [i for i, t in enumerate(texts) if t.strip() == self.text.cfg.prior.strip()]
