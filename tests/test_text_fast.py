@@ -59,6 +59,13 @@ def test_fast_path_equals_the_plain_encode(trained_tiny, merge, prefix):
         assert (base.text.hidden(TEXTS) - plain).abs().max().item() > 1e-3
 
 
+def test_the_guard_notices_a_text_side_it_does_not_reproduce(trained_tiny):
+    fast = FastTextEncoder(trained_tiny.text)
+    assert fast.agrees()
+    fast.codebook = fast.codebook * 1.001  # a stand-in for a text-side change the fast path misses
+    assert not fast.agrees()
+
+
 def test_fast_path_is_a_snapshot_and_leaves_the_model_alone(trained_tiny):
     text = trained_tiny.text
     before = {k: v.clone() for k, v in text.llm.state_dict().items()}

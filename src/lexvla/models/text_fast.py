@@ -172,6 +172,14 @@ class FastTextEncoder:
         cache = _PrefixCache(prefix, batch=len(rows))
         return self._run(ids, allowed, position_ids, cache)
 
+    def agrees(self, texts: tuple[str, ...] = ("a red circle", '"a quoted caption"', "x"),
+               tolerance: float = 1e-4) -> bool:
+        """Whether this path's scores equal the plain path's on ``texts`` (relative to their scale): a
+        guard against text-side features this module does not know, checked once when serving starts."""
+        with torch.inference_mode():
+            plain, fast = self.text.scores(list(texts)), self.scores(list(texts))
+        return bool((plain - fast).abs().max() <= tolerance * max(float(plain.abs().max()), 1.0))
+
     def scores(self, texts: list[str]) -> torch.Tensor:
         """(B, V) scores against the frozen text codebook, as :meth:`TextLexicalEncoder.scores` (minus the
         prior's scores when ``text.prior`` is set: its state, constant at inference, computed once)."""

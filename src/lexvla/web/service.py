@@ -249,6 +249,9 @@ class SearchService:
             from ..models.text_fast import FastTextEncoder
 
             self._fast_text = FastTextEncoder(model.text)
+            if not self._fast_text.agrees():  # a text-side feature the fast path does not know: stay exact
+                logger.warning("the fast query encode does not match the model's own encode; using the plain one")
+                self._fast_text = None
         with self._index_lock:
             index.sync()  # loads what searches read (postings, stored vectors, ids) now, not at the first query
         self._in_flight = 0
