@@ -149,7 +149,8 @@ class TextConfig:
     prior: str | None = None
     # Data-driven prior (ours): the running mean of the training captions' last-token states (momentum
     # 0.1 per step, as BatchNorm's statistics; saved with the trained weights) is subtracted instead, so
-    # what every training caption shares (a template such as "an emoji of") stops scoring too.
+    # what every training caption shares (a template such as "an emoji of") stops scoring too. Under DDP
+    # each process averages its own batches; rank 0's mean is saved.
     prior_mean: bool = False
 
     def __post_init__(self) -> None:
