@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -269,10 +270,14 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
 
         from . import load
         from .models import create_model
+        from .models.lexvla import UntrainedModelWarning
 
         set_seed(cfg.seed)
-        # from the zoo entry itself, never from an earlier trained default of it
-        model = (create_model(zoo_name, trained=False) if zoo_name else load(cfg.model)).eval()
+        # from the zoo entry itself, never from an earlier trained default of it; an untrained model is
+        # what training starts from, so its warning (as in the trainer's build_model) would only mislead
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UntrainedModelWarning)
+            model = (create_model(zoo_name, trained=False) if zoo_name else load(cfg.model)).eval()
         holder["before"] = model.encode_text(main_data.texts).vectors  # the untrained text side (LoRA = 0)
         return model
 
