@@ -98,7 +98,7 @@ def overuse_figure(before: Sequence[tuple[str, float]], after: Sequence[tuple[st
                    target: float = 0.2) -> Path:
     """Share of test captions in which a word fires without being in the caption, before and after."""
     fig = new_figure(10, 3.6)
-    for i, (title, rows) in enumerate((("before training (frozen LLM)", before), ("after training", after))):
+    for i, (title, rows) in enumerate((("before training (untrained text side)", before), ("after training", after))):
         ax = fig.add_subplot(1, 2, i + 1)
         ax.barh([w for w, _ in rows][::-1], [100 * s for _, s in rows][::-1], color="#c0504d" if i == 0 else "#4a7ebb")
         ax.axvline(100 * target, color="k", ls="--", lw=1)
@@ -185,7 +185,7 @@ def write_demo_report(out_dir: str | Path, cfg: Any, model: Any, dense: Any, dat
                   (result.overused_after[i][0] + f" ({100 * result.overused_after[i][1]:.0f}%)")
                   if i < len(result.overused_after) else ""] for i in range(n)]
         sections.append(HtmlSection("Over-used caption words before / after training", "overused.png",
-                                    words_table(table, ["before (frozen LLM)", "after (LoRA + overuse penalty)"])
+                                    words_table(table, ["before training (untrained text side)", "after training"])
                                     + paragraph("Share of held-out captions in which the word is active although "
                                                 "the caption does not contain it (target: none above 20%).",
                                                 "note")))
